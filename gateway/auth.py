@@ -1,0 +1,77 @@
+"""Authentication: which principal a request acts for, by the route's auth mode.
+
+``bearer`` validates the ``Authorization`` header (RFC 6750 §2.1 only: never a query or
+form parameter). ``session`` modes defer to the session authenticator, where a valid
+Bearer header still wins. Required scopes are checked here, for both. Token
+cryptography is ``tokens``'s job; cookies, CSRF and refresh are ``sessions``'s.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from aiohttp import web
+
+from gateway.context import current
+from gateway.errors import (
+    AuthenticationRequiredError,
+    BadRequestError,
+    InsufficientScopeError,
+    InvalidTokenError,
+)
+from gateway.principal import Principal
+from gateway.routing import Route
+from gateway.tokens.validator import TokenValidator
+
+# RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+class SessionAuthenticator(Protocol):
+    async def authenticate(self, request: web.Request, route: Route) -> Principal: ...
+
+    def login_url(self, request: web.Request) -> str: ...
+
+
+def parse_bearer(request: web.Request) -> str | None:
+    """The Bearer token of the request, None when there is none, 400/401 when malformed."""
+    values = request.headers.getall("Authorization", ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequestError("more than one Authorization header")
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None  # another scheme is no Bearer credential (RFC 6750 §3.1)
+    token = token.strip()
+    if not _B64TOKEN.fullmatch(token):
+        raise InvalidTokenError("the Authorization header is malformed", result="malformed")
+    return token
+
+
+class Authenticator:
+    def __init__(
+        self, validator: TokenValidator | None, sessions: SessionAuthenticator | None = None
+    ) -> None:
+        self._validator = validator
+        self._sessions = sessions
+
+    async def authenticate(self, request: web.Request, route: Route) -> Principal | None:
+        mode = route.auth
+        if mode == "none":
+            return None
+        token = parse_bearer(request)
+        if token is not None and self._validator is not None:
+            principal = await self._validator.validate(token)
+        elif mode == "bearer" or self._sessions is None:
+            raise AuthenticationRequiredError("a Bearer access token is required")
+        else:
+            principal = await self._sessions.authenticate(request, route)
+        if not route.scopes <= principal.scopes:
+            raise InsufficientScopeError(tuple(sorted(route.scopes)))
+        ctx = current()
+        if ctx is not None:
+            ctx.auth_mode = principal.via
+            ctx.subject = principal.subject
+        return principal

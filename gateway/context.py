@@ -1,0 +1,34 @@
+"""The per-request context every log line and metric of a request reads.
+
+``ingress`` opens it; ``proxy``, ``auth`` and ``upstream`` fill in what they learn (route,
+auth mode, a hash of the subject, upstream time). It travels in a ``contextvars`` variable,
+so nothing passes it by hand and a background task never sees a request's context.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+_current: ContextVar[RequestContext | None] = ContextVar("tokengate_request", default=None)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    route: str = "-"
+    auth_mode: str = "-"
+    subject_hash: str | None = None
+    subject: str | None = None
+    upstream_s: float | None = None
+    outcome: str = "ok"
+
+
+def current() -> RequestContext | None:
+    return _current.get()
+
+
+def open_context(request_id: str) -> RequestContext:
+    ctx = RequestContext(request_id=request_id)
+    _current.set(ctx)  # aiohttp runs each request in its own task, hence its own context
+    return ctx

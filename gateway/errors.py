@@ -1,0 +1,194 @@
+"""Every error a client can see, as one exception tree; ``ingress`` renders them.
+
+Raise anywhere, render in one place. Each class carries its HTTP status, the JSON ``error``
+code of DESIGN.md and any headers it needs. Foreign exceptions are translated where they
+enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches a client.
+
+    GatewayError
+    ├── BadRequestError                      400 invalid_request
+    │   └── LoginStateError                  400 invalid_login_state
+    ├── InvalidTokenError                    401 invalid_token   (WWW-Authenticate, RFC 6750)
+    ├── AuthenticationRequiredError          401 unauthenticated
+    ├── SessionExpiredError                  401 session_expired (login_url)
+    ├── InsufficientScopeError               403 insufficient_scope
+    ├── CsrfError                            403 csrf
+    ├── NotFoundError                        404 not_found
+    ├── MethodNotAllowedError                405 method_not_allowed
+    ├── PayloadTooLargeError                 413 payload_too_large
+    ├── HeadersTooLargeError                 431 request_header_fields_too_large
+    ├── IdpError                             502 idp_error
+    ├── UpstreamUnavailableError             502 upstream_unavailable
+    ├── SessionStoreUnavailableError         503 session_store_unavailable
+    ├── RefreshUnavailableError              503 refresh_unavailable (Retry-After)
+    ├── NotReadyError                        503 not_ready
+    └── UpstreamTimeoutError                 504 upstream_timeout
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+def _quote(value: str) -> str:
+    # RFC 6750 §3: auth-param values are quoted-strings; keep them to a safe subset.
+    return "".join(ch for ch in value if ch.isprintable() and ch not in '"\\')
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_description: ClassVar[str] = "internal error"
+
+    def __init__(self, description: str | None = None) -> None:
+        self.description = description or self.default_description
+        super().__init__(self.description)
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "error_description": self.description}
+
+
+class BadRequestError(GatewayError):
+    status = 400
+    code = "invalid_request"
+    default_description = "the request is malformed"
+
+
+class LoginStateError(BadRequestError):
+    code = "invalid_login_state"
+    default_description = "the login state is missing, expired or already used; log in again"
+
+
+class InvalidTokenError(GatewayError):
+    status = 401
+    code = "invalid_token"
+    default_description = "the access token is invalid"
+
+    def __init__(self, description: str | None = None, *, result: str = "invalid") -> None:
+        super().__init__(description)
+        self.result = result  # a bounded metric label: expired, bad_signature, ...
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "WWW-Authenticate": (
+                f'Bearer error="invalid_token", error_description="{_quote(self.description)}"'
+            )
+        }
+
+
+class AuthenticationRequiredError(GatewayError):
+    """No credentials at all: RFC 6750 §3.1 says no error code in the challenge."""
+
+    status = 401
+    code = "unauthenticated"
+    default_description = "authentication required"
+
+    def __init__(self, description: str | None = None, *, login_url: str | None = None) -> None:
+        super().__init__(description)
+        self.login_url = login_url
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        if self.login_url:
+            body["login_url"] = self.login_url
+        return body
+
+
+class SessionExpiredError(AuthenticationRequiredError):
+    code = "session_expired"
+    default_description = "the session has ended; log in again"
+
+
+class InsufficientScopeError(GatewayError):
+    status = 403
+    code = "insufficient_scope"
+    default_description = "the access token lacks a required scope"
+
+    def __init__(self, required: tuple[str, ...]) -> None:
+        super().__init__(f"requires scope: {' '.join(required)}")
+        self.required = required
+
+    def headers(self) -> dict[str, str]:
+        scope = _quote(" ".join(self.required))
+        return {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'}
+
+
+class CsrfError(GatewayError):
+    status = 403
+    code = "csrf"
+    default_description = "cookie-authenticated requests must send the CSRF header"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    code = "not_found"
+    default_description = "no route matches this path"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+    default_description = "method not allowed"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    code = "payload_too_large"
+    default_description = "the request body is too large"
+
+
+class HeadersTooLargeError(GatewayError):
+    status = 431
+    code = "request_header_fields_too_large"
+    default_description = "the request headers are too large"
+
+
+class IdpError(GatewayError):
+    status = 502
+    code = "idp_error"
+    default_description = "the identity provider gave an unusable answer"
+
+
+class UpstreamUnavailableError(GatewayError):
+    status = 502
+    code = "upstream_unavailable"
+    default_description = "the upstream service is unavailable"
+
+
+class SessionStoreUnavailableError(GatewayError):
+    status = 503
+    code = "session_store_unavailable"
+    default_description = "the session store is unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
+class RefreshUnavailableError(GatewayError):
+    status = 503
+    code = "refresh_unavailable"
+    default_description = "the identity provider is unavailable and the access token has expired"
+
+    def __init__(self, retry_after_s: int = 5) -> None:
+        super().__init__()
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReadyError(GatewayError):
+    status = 503
+    code = "not_ready"
+    default_description = "tokengate is starting or shutting down"
+
+
+class UpstreamTimeoutError(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+    default_description = "the upstream service did not answer in time"

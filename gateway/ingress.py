@@ -1,0 +1,151 @@
+"""What wraps every request: request id, header limits, metrics, the access line, errors.
+
+This is the one place errors become responses: a ``GatewayError`` renders as its JSON
+body and headers, aiohttp's own HTTP exceptions are mapped to ours, and anything else is
+a logged ``internal_error`` 500 without a trace in the response. Everything between
+(routing, authentication, forwarding) is ``proxy``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.context import RequestContext, current, open_context
+from gateway.errors import (
+    BadRequestError,
+    GatewayError,
+    HeadersTooLargeError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from gateway.metrics import Metrics
+from gateway.settings import LimitsSettings, LogSettings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("tokengate.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_MAPPED_HTTP: dict[int, type[GatewayError]] = {
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    413: PayloadTooLargeError,
+    431: HeadersTooLargeError,
+}
+
+
+def render_error(exc: GatewayError) -> web.Response:
+    response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def parse_request_id(value: str | None) -> str:
+    # A client's id is kept only when it is short and plain: it lands in every log line.
+    if value is not None and _REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def aiohttp_parser_limits(limits: LimitsSettings) -> dict[str, int]:
+    """aiohttp's own parser limits, set above ours so ``check_headers`` answers 431 first."""
+    return {
+        "max_line_size": limits.max_header_bytes * 2,
+        "max_field_size": limits.max_header_bytes * 2,
+        "max_headers": limits.max_headers * 2,
+    }
+
+
+class Ingress:
+    def __init__(self, limits: LimitsSettings, log_settings: LogSettings, metrics: Metrics) -> None:
+        self._limits = limits
+        self._log = log_settings
+        self._metrics = metrics
+
+    def check_headers(self, request: web.Request) -> None:
+        limits = self._limits
+        raw = request.raw_headers
+        if len(raw) > limits.max_headers:
+            raise HeadersTooLargeError(f"more than {limits.max_headers} header fields")
+        total = 0
+        for name, value in raw:
+            size = len(name) + len(value)
+            if size > limits.max_header_bytes:
+                raise HeadersTooLargeError(
+                    f"a header field exceeds {limits.max_header_bytes} bytes"
+                )
+            total += size
+        if total > limits.max_headers_total_bytes:
+            raise HeadersTooLargeError("the header section is too large")
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = open_context(parse_request_id(request.headers.get("X-Request-Id")))
+        started = time.perf_counter()
+        try:
+            self.check_headers(request)
+            response = await handler(request)
+        except GatewayError as exc:
+            ctx.outcome = exc.code
+            response = render_error(exc)
+        except web.HTTPException as exc:
+            error = _MAPPED_HTTP.get(exc.status, BadRequestError)()
+            ctx.outcome = error.code
+            response = render_error(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled_error")
+            ctx.outcome = "internal_error"
+            response = render_error(GatewayError())
+        self._observe(request, response, ctx, time.perf_counter() - started)
+        return response
+
+    def _observe(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        ctx: RequestContext,
+        elapsed_s: float,
+    ) -> None:
+        metrics = self._metrics
+        metrics.http_requests_total.labels(ctx.route, request.method, str(response.status)).inc()
+        metrics.http_request_duration_seconds.labels(ctx.route).observe(elapsed_s)
+        if not self._log.access_log:
+            return
+        path = request.path if not self._log.log_query_string else request.path_qs
+        fields: dict[str, object] = {
+            "method": request.method,
+            "path": path,
+            "status": response.status,
+            "duration_ms": round(elapsed_s * 1000, 3),
+            "auth": ctx.auth_mode,
+            "outcome": ctx.outcome,
+        }
+        if ctx.upstream_s is not None:
+            fields["upstream_ms"] = round(ctx.upstream_s * 1000, 3)
+        if ctx.subject is not None:
+            fields["subject" if self._log.log_subject else "subject_hash"] = (
+                ctx.subject if self._log.log_subject else hash_subject(ctx.subject)
+            )
+        access_log.info("access", extra=fields)
+
+
+def hash_subject(subject: str) -> str:
+    return hashlib.sha256(subject.encode()).hexdigest()[:16]
+
+
+async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streamed or not, carries its request id."""
+    ctx = current()
+    if ctx is not None:
+        response.headers["X-Request-Id"] = ctx.request_id

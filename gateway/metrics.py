@@ -1,0 +1,113 @@
+"""The Prometheus metrics of DESIGN.md, owned by one ``Metrics`` object per process.
+
+Each instance has its own registry (no module-level globals), so tests can build many.
+With ``workers > 1`` the CLI sets up prometheus-client's multiprocess mode before any
+metric exists, and ``render`` aggregates every worker's values. Labels are bounded: route
+names, methods, status codes and results, never a raw path or a subject.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, *, multiprocess_mode: bool = False) -> None:
+        # multiprocess_mode: the CLI has set PROMETHEUS_MULTIPROC_DIR (workers > 1) before
+        # prometheus-client was imported, so every value lives in a shared mmap file.
+        self.multiprocess_mode = multiprocess_mode
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests_total = Counter(
+            "tokengate_http_requests_total",
+            "Requests answered, by route name, method and status code.",
+            ("route", "method", "code"),
+            registry=r,
+        )
+        self.http_request_duration_seconds = Histogram(
+            "tokengate_http_request_duration_seconds",
+            "Time from request to response headers, by route name.",
+            ("route",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_request_duration_seconds = Histogram(
+            "tokengate_upstream_request_duration_seconds",
+            "Time the upstream took to answer with headers, by route name.",
+            ("route",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_validations_total = Counter(
+            "tokengate_token_validations_total",
+            "Bearer token validations, by result.",
+            ("result",),
+            registry=r,
+        )
+        self.refresh_total = Counter(
+            "tokengate_refresh_total",
+            "Access-token refreshes at the IdP, by result.",
+            ("result",),
+            registry=r,
+        )
+        self.refresh_lock_wait_seconds = Histogram(
+            "tokengate_refresh_lock_wait_seconds",
+            "Time a request waited for a session's refresh (lock or single flight).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.idp_request_duration_seconds = Histogram(
+            "tokengate_idp_request_duration_seconds",
+            "IdP call latency, by call.",
+            ("call",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jwks_fetch_total = Counter(
+            "tokengate_jwks_fetch_total", "JWKS fetches, by result.", ("result",), registry=r
+        )
+        self.session_store_errors_total = Counter(
+            "tokengate_session_store_errors_total",
+            "Session store operations that failed.",
+            registry=r,
+        )
+        self.sessions_created_total = Counter(
+            "tokengate_sessions_created_total", "Sessions created at login.", registry=r
+        )
+        self.sessions_ended_total = Counter(
+            "tokengate_sessions_ended_total",
+            "Sessions ended, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.ready = Gauge(
+            "tokengate_ready",
+            "1 when this process answers /readyz with 200.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        if not multiprocess_mode:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    def render(self) -> bytes:
+        """The exposition text: this process's registry, or every worker's in multiprocess."""
+        if not self.multiprocess_mode:
+            return generate_latest(self.registry)
+        scrape = CollectorRegistry()
+        multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]  # untyped lib
+        return generate_latest(scrape)

@@ -1,0 +1,40 @@
+"""The one place that knows the order: route, authenticate, forward.
+
+A reader follows a request from here to the upstream call without jumping around:
+``routing`` picks the route, ``auth`` names the principal, ``upstream`` forwards, and on an
+upstream 401 for a session request the session's token is refreshed once and the request
+replayed once (when its body can be replayed).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.context import current
+from gateway.routing import RouteTable, encode_path, parse_path
+from gateway.upstream import Upstream
+from gateway.websocket import forward_websocket, is_websocket_upgrade
+
+
+class Proxy:
+    def __init__(self, routes: RouteTable, auth: Authenticator, upstream: Upstream) -> None:
+        self._routes = routes
+        self._auth = auth
+        self._upstream = upstream
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = parse_path(request.raw_path.partition("?")[0])
+        route = self._routes.match(path)
+        ctx = current()
+        if ctx is not None:
+            ctx.route = route.name
+            ctx.auth_mode = route.auth
+        principal = await self._auth.authenticate(request, route)
+        upstream_path = encode_path(route.upstream_path(path))
+        headers = self._upstream.build_headers(request, route, principal)
+        if route.websocket and is_websocket_upgrade(request):
+            return await forward_websocket(request, route, self._upstream, headers, upstream_path)
+        body = await self._upstream.read_body(request, route)
+        response = await self._upstream.open(request, route, headers, body, upstream_path)
+        return await self._upstream.relay(request, response)

@@ -1,0 +1,128 @@
+"""The route table: normalise a request path once, then match it by longest prefix.
+
+Normalisation (RFC 3986 §5.2.4 dot-segment removal, merged slashes, percent-decoding of
+everything but an encoded slash or backslash, which are refused) happens here and only
+here; the path that is routed is the path that is forwarded. Authentication and
+forwarding are left to ``auth`` and ``upstream``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from aiohttp import ClientTimeout
+from yarl import URL
+
+from gateway.errors import BadRequestError, NotFoundError
+from gateway.settings import AuthMode, RouteSettings
+
+# SECURITY: an encoded '/' or '\' would let "/api%2F..%2Fadmin" mean one path to us and
+# another to the upstream; refuse them rather than guess (Envoy's REJECT_REQUEST default).
+_FORBIDDEN_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+_SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    prefix: str
+    upstream: URL
+    auth: AuthMode
+    scopes: frozenset[str]
+    strip_prefix: bool
+    timeout: ClientTimeout
+    websocket: bool
+    identity_headers: tuple[tuple[str, str], ...]
+    max_body_bytes: int | None
+
+    @classmethod
+    def from_settings(cls, settings: RouteSettings) -> Route:
+        assert settings.name is not None
+        return cls(
+            name=settings.name,
+            prefix=settings.prefix,
+            upstream=URL(settings.upstream),
+            auth=settings.auth,
+            scopes=frozenset(settings.scopes),
+            strip_prefix=settings.strip_prefix,
+            # No total: a 1 GiB download may take minutes; the upstream may only go silent.
+            timeout=ClientTimeout(
+                total=None,
+                sock_connect=settings.connect_timeout_s,
+                sock_read=settings.read_timeout_s,
+            ),
+            websocket=settings.websocket,
+            identity_headers=tuple(settings.identity_headers.items()),
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+    def matches(self, path: str) -> bool:
+        # Segment-wise: "/api" matches "/api" and "/api/x", never "/apix".
+        return (
+            self.prefix == "/"
+            or path == self.prefix
+            or (path.startswith(self.prefix) and path[len(self.prefix)] == "/")
+        )
+
+    def upstream_path(self, path: str) -> str:
+        """The path to request upstream for the normalised request ``path``."""
+        if self.strip_prefix and self.prefix != "/":
+            path = path[len(self.prefix) :] or "/"
+        base = self.upstream.raw_path.rstrip("/")
+        return base + path
+
+
+def parse_path(raw_path: str) -> str:
+    """Normalise the raw request path (no query) into its decoded canonical form."""
+    if not raw_path.startswith("/"):
+        raise BadRequestError("the request target must be an absolute path")
+    if _FORBIDDEN_ENCODED.search(raw_path) or "\\" in raw_path:
+        raise BadRequestError("encoded slashes, backslashes and NUL are not allowed in paths")
+    decoded = unquote(raw_path, errors="strict")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+        raise BadRequestError("control characters are not allowed in paths")
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")
+    path = "/" + "/".join(segments)
+    if trailing and segments:
+        path += "/"
+    return path
+
+
+def encode_path(path: str) -> str:
+    return quote(path, safe=_SAFE_PATH_CHARS)
+
+
+class RouteTable:
+    """Routes ordered by prefix length; ``match`` returns the longest that fits."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._routes = tuple(sorted(routes, key=lambda r: len(r.prefix), reverse=True))
+        self._exact: dict[str, Route] = {r.prefix: r for r in self._routes}
+
+    @classmethod
+    def build(cls, settings: tuple[RouteSettings, ...]) -> RouteTable:
+        return cls(tuple(Route.from_settings(s) for s in settings))
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def match(self, path: str) -> Route:
+        exact = self._exact.get(path)
+        if exact is not None:
+            return exact
+        for route in self._routes:
+            if route.matches(path):
+                return route
+        raise NotFoundError()

@@ -1,0 +1,1 @@
+"""Browser sessions: the cookie, encryption, the store, the lock and refresh."""

@@ -1,0 +1,398 @@
+"""The configuration: one YAML file, overridden by ``TOKENGATE_*`` environment variables.
+
+This is the only module that reads files or the environment. Everything it returns is
+frozen; values derived from several keys (the refresh lock's TTL) are computed here once.
+Components receive the section they need, never the root object.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+AuthMode = Literal["none", "bearer", "session", "session_or_bearer"]
+ClientAuth = Literal["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
+
+_ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ASYMMETRIC_ALGS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot start; the message names the offending key."""
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if host in (None, ""):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_http_url(value: str, *, allow_http: bool = True) -> str:
+    """Return ``value`` without a trailing slash if it is an absolute http(s) URL."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    # SECURITY: tokens travel to these URLs; plain http is only for loopback development.
+    if parts.scheme == "http" and not (allow_http or is_loopback_host(parts.hostname)):
+        raise ValueError("must use https:// (plain http is allowed for loopback hosts only)")
+    return value.rstrip("/")
+
+
+def mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":**********@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys rejected, ``<secret>_file`` resolved."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        # Kubernetes mounts secrets as files: `client_secret_file: /var/run/secrets/x`.
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            file_key = f"{name}_file"
+            if field.annotation not in (SecretStr, SecretStr | None) or file_key not in data:
+                continue
+            path = data.pop(file_key)
+            if path is None:
+                continue
+            try:
+                data[name] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{file_key}: cannot read {path}: {exc.strerror}") from None
+        return data
+
+
+class ListenSettings(Section):
+    host: str = "0.0.0.0"  # noqa: S104 - a proxy listens on all interfaces by design
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class AdminSettings(Section):
+    host: str = "0.0.0.0"  # noqa: S104
+    port: int = Field(9090, ge=0, le=65535)
+
+
+class LimitsSettings(Section):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=0)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # one header line, name and value
+    max_headers_total_bytes: int = Field(64 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    shutdown_delay_s: float = Field(5.0, ge=0)  # not-ready before we stop accepting
+    shutdown_grace_s: float = Field(20.0, ge=0)  # in-flight requests may finish within this
+
+
+class OidcSettings(Section):
+    issuer: str | None = None
+    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
+    jwks_uri: str | None = None  # set to skip discovery for bearer-only deployments
+    client_id: str = ""
+    client_secret: SecretStr | None = None
+    client_auth: ClientAuth | None = None  # default: client_secret_basic with a secret, else none
+    private_key: SecretStr | None = None  # PEM, for private_key_jwt (usually private_key_file)
+    private_key_id: str | None = None
+    scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
+    audience: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    leeway_s: float = Field(30.0, ge=0, le=300)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    jwks_refetch_interval_s: float = Field(30.0, ge=0)  # unknown kid: at most one fetch per this
+    jwks_max_age_s: float = Field(3600.0, gt=0)  # periodic refresh when no Cache-Control says
+    token_cache_size: int = Field(10_000, ge=0)
+    # Login (authorization request) tuning.
+    prompt: str | None = None
+    consent_for_offline_access: bool = True  # send prompt=consent with offline_access
+    acr_values: str | None = None
+    extra_auth_params: dict[str, str] = Field(default_factory=dict)
+    claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
+
+    @field_validator("issuer", "discovery_url", "jwks_uri")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must list at least one algorithm")
+        for alg in value:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted")
+            if alg.upper().startswith("HS"):
+                # SECURITY: keys come from the issuer's public JWKS; an HS* allowlist would
+                # let a public key be used as an HMAC secret (algorithm confusion).
+                raise ValueError(f"{alg} (HMAC) cannot be used with an issuer's public keys")
+            if alg not in _ASYMMETRIC_ALGS:
+                raise ValueError(f"unknown algorithm {alg!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_client_auth(self) -> OidcSettings:
+        method = self.effective_client_auth
+        if method in ("client_secret_basic", "client_secret_post") and self.client_secret is None:
+            raise ValueError(f"client_auth {method} needs client_secret (or client_secret_file)")
+        if method == "private_key_jwt" and self.private_key is None:
+            raise ValueError("client_auth private_key_jwt needs private_key_file")
+        return self
+
+    @property
+    def effective_client_auth(self) -> ClientAuth:
+        if self.client_auth is not None:
+            return self.client_auth
+        return "client_secret_basic" if self.client_secret is not None else "none"
+
+    @property
+    def effective_discovery_url(self) -> str | None:
+        if self.discovery_url:
+            return self.discovery_url
+        if self.issuer:
+            return f"{self.issuer}/.well-known/openid-configuration"
+        return None
+
+
+class RefreshSettings(Section):
+    ahead_s: float = Field(60.0, ge=0)
+    dialect: Literal["oauth2", "json"] = "oauth2"
+    timeout_s: float = Field(10.0, gt=0, le=120)  # one IdP refresh call, enforced
+    lock_wait_s: float = Field(15.0, gt=0)  # a request waits this long for another's refresh
+    retry_after_s: int = Field(5, ge=1)
+    default_lifetime_s: float = Field(300.0, gt=0)  # opaque token and no expires_in
+
+    @property
+    def lock_ttl_s(self) -> float:
+        # The lock must outlive the IdP call plus the write of its result, or a second
+        # replica could refresh with a refresh token the first is about to rotate.
+        return self.timeout_s * 2 + 5.0
+
+
+class SessionSettings(Section):
+    store: Literal["redis", "memory"] = "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(2.0, gt=0)
+    key_prefix: str = "tg"
+    cookie_name: str = "__Host-tokengate"
+    cookie_secure: bool = True
+    cookie_samesite: Literal["Lax", "Strict"] = "Lax"
+    idle_timeout_s: int = Field(1800, ge=60)
+    absolute_timeout_s: int = Field(86400, ge=60)
+    login_timeout_s: int = Field(600, ge=30)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+            raise ValueError("must be a redis://, rediss://, unix://, or +sentinel/+cluster URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cookie(self) -> SessionSettings:
+        if self.cookie_name.startswith("__Host-") and not self.cookie_secure:
+            raise ValueError("a __Host- cookie must be Secure; rename it to turn Secure off")
+        if self.absolute_timeout_s < self.idle_timeout_s:
+            raise ValueError("absolute_timeout_s must be >= idle_timeout_s")
+        return self
+
+
+class CsrfSettings(Section):
+    header: str = "X-CSRF"
+
+
+class RouteSettings(Section):
+    prefix: str
+    upstream: str
+    name: str | None = None  # metric label; default derived from the prefix
+    auth: AuthMode = "bearer"
+    scopes: tuple[str, ...] = ()
+    strip_prefix: bool = False
+    read_timeout_s: float = Field(
+        30.0, gt=0
+    )  # upstream silent this long (to headers, between chunks)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    websocket: bool = False
+    identity_headers: dict[str, str] = Field(default_factory=dict)  # header -> claim
+    max_body_bytes: int | None = Field(None, ge=0)
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value.startswith("/") or "//" in value or "\\" in value or "%" in value:
+            raise ValueError("must be an absolute, plain path such as /api/")
+        if any(seg in (".", "..") for seg in value.split("/")):
+            raise ValueError("must not contain dot segments")
+        return value if value == "/" else value.rstrip("/")
+
+    @field_validator("upstream")
+    @classmethod
+    def _check_upstream(cls, value: str) -> str:
+        return parse_http_url(value)
+
+    @model_validator(mode="after")
+    def _default_name(self) -> RouteSettings:
+        if self.name is None:
+            derived = re.sub(r"[^a-z0-9]+", "_", self.prefix.lower()).strip("_") or "root"
+            object.__setattr__(self, "name", derived[:63])
+        elif not _ROUTE_NAME.match(self.name):
+            raise ValueError("name must be lowercase letters, digits, '_' or '-'")
+        return self
+
+
+class LogSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+    log_query_string: bool = False
+    log_subject: bool = False  # default: a hash of the subject, not the subject
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENGATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listen: ListenSettings = ListenSettings()
+    admin: AdminSettings = AdminSettings()
+    public_url: str = "http://localhost:8080"
+    workers: int = Field(1, ge=1, le=64)
+    limits: LimitsSettings = LimitsSettings()
+    oidc: OidcSettings = OidcSettings()
+    refresh: RefreshSettings = RefreshSettings()
+    session: SessionSettings = SessionSettings()
+    csrf: CsrfSettings = CsrfSettings()
+    log: LogSettings = LogSettings()
+    routes: tuple[RouteSettings, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment overrides it, key by key.
+        return (env_settings, init_settings)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        return parse_http_url(value, allow_http=False)
+
+    @model_validator(mode="after")
+    def _check_routes(self) -> Settings:
+        seen_prefix: dict[str, int] = {}
+        seen_name: dict[str, int] = {}
+        for index, route in enumerate(self.routes):
+            if route.prefix in seen_prefix:
+                raise ValueError(
+                    f"routes.{index}.prefix: {route.prefix!r} duplicates "
+                    f"routes.{seen_prefix[route.prefix]}.prefix"
+                )
+            assert route.name is not None
+            if route.name in seen_name:
+                raise ValueError(f"routes.{index}.name: {route.name!r} is used twice")
+            if route.prefix.startswith("/auth") and (
+                route.prefix == "/auth" or route.prefix.startswith("/auth/")
+            ):
+                raise ValueError(f"routes.{index}.prefix: /auth/ is reserved for tokengate")
+            seen_prefix[route.prefix] = index
+            seen_name[route.name] = index
+            if route.auth != "none" and not (self.oidc.issuer or self.oidc.jwks_uri):
+                raise ValueError(f"routes.{index}.auth: {route.auth} needs oidc.issuer")
+        if self.workers > 1 and self.session.store == "memory" and self.uses_sessions:
+            raise ValueError("session.store: memory cannot be shared by workers > 1")
+        return self
+
+    @property
+    def uses_sessions(self) -> bool:
+        return any(r.auth in ("session", "session_or_bearer") for r in self.routes)
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.public_url}/auth/callback"
+
+
+def parse_settings(data: Mapping[str, Any]) -> Settings:
+    """Validate a configuration mapping (plus the environment) into frozen settings."""
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None) -> Settings:
+    """Read the YAML file at ``path`` (or nothing) and apply the environment on top."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return parse_settings(data)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        key = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}" if key else message)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def dump_settings(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, every secret masked."""
+    data = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+    data["session"]["redis_url"] = mask_url_password(settings.session.redis_url)
+    return data

@@ -1,0 +1,1 @@
+"""Access tokens: the issuer's key set (``jwks``) and JWT validation (``validator``)."""
