@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from gateway.context import current
 from gateway.errors import (
@@ -162,7 +163,13 @@ class Upstream:
         path: str,
     ) -> aiohttp.ClientResponse:
         """Send the request; the caller reads or relays the response and releases it."""
-        url = route.upstream.with_path(path, encoded=True).with_query(request.query_string)
+        url = URL.build(
+            scheme=route.upstream.scheme,
+            authority=route.upstream.raw_authority,
+            path=path,
+            query_string=request.raw_path.partition("?")[2],  # as sent, never re-encoded
+            encoded=True,
+        )
         started = time.perf_counter()
         try:
             response = await self._http.request(
@@ -194,10 +201,13 @@ class Upstream:
         self, request: web.Request, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         """Stream the upstream's response to the client; errors after headers abort."""
+        drop = _RESPONSE_DROP
+        if "Connection" in upstream.headers:
+            drop = drop | connection_tokens(upstream.headers)
         headers = CIMultiDict(
             (k, v)
             for k, v in upstream.headers.items()
-            if k.lower() not in _RESPONSE_DROP and not self._sets_session_cookie(k, v)
+            if k.lower() not in drop and not self._sets_session_cookie(k, v)
         )
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES

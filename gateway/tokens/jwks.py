@@ -107,7 +107,7 @@ class JwksCache:
         self._by_kid: dict[str, SigningKey] = {}
         self._keys: tuple[SigningKey, ...] = ()
         self._fingerprint: object = None
-        self._last_fetch_at = -float("inf")
+        self._last_kid_refetch_at = -float("inf")
         self._inflight: asyncio.Task[float] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.generation = 0
@@ -122,11 +122,11 @@ class JwksCache:
         self._refresher = asyncio.create_task(self._keep_fresh(), name="jwks-refresh")
 
     async def aclose(self) -> None:
-        for task in (self._refresher, self._inflight):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._refresher, self._inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        # A fetch that already failed has nothing left to report at shutdown.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._refresher = self._inflight = None
 
     async def get_key(self, kid: str | None, alg: str) -> SigningKey:
@@ -135,10 +135,13 @@ class JwksCache:
             return key
         # An unknown kid may be a rotation at the issuer: refetch, but at most once per
         # interval so a flood of forged kids cannot turn us into a DoS on the IdP.
-        if self._inflight is None and (
-            self._clock() - self._last_fetch_at < self._settings.jwks_refetch_interval_s
-        ):
-            raise InvalidTokenError("the token's signing key is unknown")
+        # Only these refetches count against the interval: the periodic refresh must not
+        # delay the first token signed with a just-rotated key.
+        if self._inflight is None:
+            now = self._clock()
+            if now - self._last_kid_refetch_at < self._settings.jwks_refetch_interval_s:
+                raise InvalidTokenError("the token's signing key is unknown")
+            self._last_kid_refetch_at = now
         with contextlib.suppress(IdpError):
             await self.refresh()
         key = self._lookup(kid, alg)
@@ -149,7 +152,6 @@ class JwksCache:
     async def refresh(self) -> float:
         """Fetch the key set now, joining a fetch already under way; returns its max-age."""
         if self._inflight is None:
-            self._last_fetch_at = self._clock()
             self._inflight = asyncio.create_task(self._fetch(), name="jwks-fetch")
             self._inflight.add_done_callback(self._clear_inflight)
         # shield: one caller giving up must not cancel the fetch the others wait for.

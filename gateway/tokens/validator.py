@@ -55,9 +55,7 @@ class TokenValidator:
     async def validate(self, token: str) -> Principal:
         """The principal a token proves, or ``InvalidTokenError`` saying why not."""
         digest = hashlib.blake2b(token.encode(), digest_size=20).digest()
-        if self._cache_generation != self._jwks.generation:
-            self._cache.clear()  # new keys: a revoked key's tokens must be checked again
-            self._cache_generation = self._jwks.generation
+        self._flush_on_new_keys()
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.expires_at + self._settings.leeway_s > self._clock():
@@ -70,11 +68,17 @@ class TokenValidator:
             self._metrics.token_validations_total.labels(result=exc.result).inc()
             raise
         self._metrics.token_validations_total.labels(result="valid").inc()
+        self._flush_on_new_keys()  # the key set may have changed while we verified
         if self._settings.token_cache_size:
             self._cache[digest] = principal
             if len(self._cache) > self._settings.token_cache_size:
                 self._cache.popitem(last=False)
         return principal
+
+    def _flush_on_new_keys(self) -> None:
+        if self._cache_generation != self._jwks.generation:
+            self._cache.clear()  # new keys: a removed key's tokens must be checked again
+            self._cache_generation = self._jwks.generation
 
     async def _verify(self, token: str) -> Principal:
         try:

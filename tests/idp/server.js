@@ -33,9 +33,13 @@
 // backchannel_logout_session_required true.
 //
 // Behaviour:
-//   - PKCE S256 is required for every client; offline_access yields a refresh token
-//     without prompt=consent (prompt=consent still works); refresh tokens rotate and
-//     reuse of a rotated one revokes the whole grant (invalid_grant).
+//   - PKCE S256 is required for every client.
+//   - offline_access in a GET authorization request yields a refresh token, with or without
+//     prompt=consent (oidc-provider alone would want prompt=consent); such refresh tokens
+//     outlive the IdP session like real offline access, but die with the grant. Refresh
+//     tokens rotate; reuse of a rotated one revokes the whole grant (invalid_grant).
+//   - ID tokens carry name/email/preferred_username; `sid` only for clients with a
+//     backchannel_logout_uri (oidc-provider's rule).
 //   - Access tokens are RS256 JWTs with aud = `resource`, scope = the granted subset of
 //     `resource_scopes`, also after refresh (useGrantedResource).
 //   - Login (devInteractions): any login name with any password; sub = the login name,
@@ -324,6 +328,23 @@ function releaseHanging() {
   hanging.clear();
 }
 
+// code_challenge -> expiry (ms) of authorization requests that asked for offline_access
+const offlineChallenges = new Map();
+
+function rememberOffline(challenge, ttlSeconds) {
+  const now = Date.now();
+  for (const [key, expiresAt] of offlineChallenges) {
+    if (expiresAt <= now) offlineChallenges.delete(key);
+  }
+  offlineChallenges.set(challenge, now + ttlSeconds * 1000);
+}
+
+function offlineRequested(code) {
+  if (code.scopes.has('offline_access')) return true;
+  const expiresAt = code.codeChallenge && offlineChallenges.get(code.codeChallenge);
+  return Boolean(expiresAt && expiresAt > Date.now());
+}
+
 function describe(err) {
   return err.error_description ? `${err.message}: ${err.error_description}` : err.message;
 }
@@ -460,10 +481,16 @@ async function main() {
     conformIdTokenClaims: false,
     pkce: { required: () => true },
     rotateRefreshToken: true,
-    // Same as the v9 default, spelled out: a refresh token whenever offline_access was
-    // granted, with or without prompt=consent in the authorization request.
+    // oidc-provider drops offline_access from an authorization request without
+    // prompt=consent (OIDC Core 11). Most IdPs do not, and tokengate does not send
+    // prompt=consent: so a request that asked for offline_access is remembered (by its
+    // PKCE code_challenge, see the middleware) and treated as if offline_access had been
+    // granted: a refresh token, not tied to the IdP session.
     async issueRefreshToken(ctx, client, code) {
-      return client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access');
+      return client.grantTypeAllowed('refresh_token') && offlineRequested(code);
+    },
+    async expiresWithSession(ctx, code) {
+      return !offlineRequested(code);
     },
     ttl: {
       AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? c.access_token_ttl,
@@ -546,11 +573,18 @@ async function main() {
   provider.use(async (ctx, next) => {
     if (ctx.path.startsWith('/__test/')) {
       try {
-        await testEndpoint(ctx, provider);
+        await testEndpoint(ctx);
       } catch (err) {
         json(ctx, 400, { error: 'invalid_request', error_description: describe(err) });
       }
       return;
+    }
+    if (ctx.path === '/auth' && ctx.method === 'GET') {
+      const { scope, code_challenge: challenge } = ctx.query;
+      if (typeof scope === 'string' && scope.split(' ').includes('offline_access')
+          && typeof challenge === 'string' && challenge) {
+        rememberOffline(challenge, c.interaction_ttl + c.authorization_code_ttl);
+      }
     }
     if (ctx.path === '/token/revocation' && ctx.method === 'POST') stats.revocations += 1;
     if (ctx.path === '/token/introspection' && ctx.method === 'POST') stats.introspections += 1;

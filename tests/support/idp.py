@@ -31,6 +31,8 @@ from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IDP_DIR = REPO_ROOT / "tests" / "idp"
@@ -111,6 +113,13 @@ def default_idp_config(
         "grant_ttl": max(refresh_token_ttl, session_ttl),
         "clients": clients,
     }
+
+
+def make_client_key(kid: str = "tokengate-pkjwt") -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
+    """An RSA key for the private_key_jwt client: (private key object, public JWKS)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return key, {"keys": [{**public, "kid": kid, "use": "sig", "alg": "RS256"}]}
 
 
 class OidcProviderProcess:

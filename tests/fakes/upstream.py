@@ -1,0 +1,87 @@
+"""A fake upstream: records what reached it, echoes, streams, stalls and speaks WebSocket.
+
+Tests count requests here, where they arrive, to prove a rejected request never did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body_bytes: int
+
+
+@dataclass
+class FakeUpstream:
+    seen: list[Seen] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    status_for: dict[str, int] = field(default_factory=dict)
+
+    def web_app(self) -> web.Application:
+        async def echo(request: web.Request) -> web.StreamResponse:
+            if request.path.startswith("/ws"):
+                return await self._websocket(request)
+            received = 0
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+            self.seen.append(
+                Seen(request.method, request.raw_path, CIMultiDict(request.headers), received)
+            )
+            self.arrived.set()
+            if request.path.startswith("/slow"):
+                await self.release.wait()
+            if "/download/" in request.path:
+                return await self._download(request, int(request.path.rsplit("/", 1)[1]))
+            body: dict[str, Any] = {
+                "path": request.raw_path,
+                "method": request.method,
+                "body_bytes": received,
+            }
+            status = self.status_for.get(request.path, 200)
+            response = web.json_response(body, status=status)
+            response.headers["Connection"] = "keep-alive, X-Upstream-Hop"
+            response.headers["X-Upstream-Hop"] = "secret-hop"
+            response.headers["Keep-Alive"] = "timeout=5"
+            if request.path.startswith("/setcookie"):
+                response.set_cookie("__Host-tokengate", "planted", path="/", secure=True)
+                response.set_cookie("app", "1")
+            return response
+
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", echo)
+        return app
+
+    async def _download(self, request: web.Request, size: int) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_type = "application/octet-stream"
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < size:
+            part = chunk[: min(len(chunk), size - sent)]
+            await response.write(part)
+            sent += len(part)
+        await response.write_eof()
+        return response
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self.seen.append(Seen("WS", request.raw_path, CIMultiDict(request.headers), 0))
+        ws = web.WebSocketResponse(protocols=("chat",))
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(f"echo:{message.data}")
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        return ws
