@@ -42,6 +42,7 @@ ENV PATH="/opt/tokengate/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
 USER 10001:10001
+# A writable working directory (the only one, with a read-only root filesystem).
 WORKDIR /tmp
 # 8080: the proxy. 9090: the admin port (/metrics /healthz /readyz); never publish it.
 EXPOSE 8080 9090

@@ -11,8 +11,18 @@ import uvloop
 from aiohttp import web
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-     "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
 )
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -51,8 +61,14 @@ def main() -> None:
     app.cleanup_ctx.append(client)
     app.router.add_route("*", "/{tail:.*}", handle)
     web.run_app(
-        app, host="127.0.0.1", port=args.port, backlog=1024, shutdown_timeout=1.0,
-        print=None, access_log=None, loop=uvloop.new_event_loop(),
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        backlog=1024,
+        shutdown_timeout=1.0,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
     )
 
 

@@ -100,8 +100,14 @@ def main() -> None:
     app.router.add_get("/.well-known/openid-configuration", get_discovery)
     app.router.add_get("/jwks.json", get_jwks)
     web.run_app(
-        app, host="127.0.0.1", port=args.port, backlog=1024, shutdown_timeout=1.0,
-        print=None, access_log=None, loop=uvloop.new_event_loop(),
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        backlog=1024,
+        shutdown_timeout=1.0,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
     )
 
 

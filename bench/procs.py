@@ -82,7 +82,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the driver only
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads in the driver
+                preexec_fn=_die_with_parent,  # the driver has no threads
             )
         proc = Proc(name, popen, log_path)
         self._procs.append(proc)
@@ -113,15 +113,14 @@ def wait_until_ready(proc: Proc, url: str, deadline_s: float = 30.0) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
         if proc.popen.poll() is not None:
-            raise BenchError(
-                f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
-            )
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
         status, _ = http_get(url, timeout_s=1.0)
         if status == 200:
             return
         if time.monotonic() > deadline:
-            raise BenchError(f"{proc.name} not ready at {url} after {deadline_s}s:\n"
-                             f"{proc.log_tail()}")
+            raise BenchError(
+                f"{proc.name} not ready at {url} after {deadline_s}s:\n{proc.log_tail()}"
+            )
         time.sleep(0.05)  # polling interval, not a wait for readiness
 
 

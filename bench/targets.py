@@ -52,15 +52,40 @@ TARGETS: tuple[Target, ...] = (
     Target("nginx", "nginx", note="nginx proxy_pass, 1 worker: the limit"),
     Target("floor", "floor", note="bare aiohttp pass-through: the floor"),
     Target("tg-none", "tokengate", path="/none", note="auth: none"),
-    Target("tg-bearer-warm", "tokengate", "bearer-warm", "/bearer", needs=ISSUER,
-           note="one valid RS256 token, verified-token cache hit"),
-    Target("tg-bearer-cold", "tokengate", "bearer-cold", "/bearer", needs=ISSUER,
-           note="a new token every request, cache miss (signature check)"),
-    Target("tg-session", "tokengate", "session", "/session", needs=ISSUER | {"redis"},
-           ready=False, note="not built yet: tokengate has no session mode (TODO above)"),
-    Target("tg-refresh-storm", "tokengate", "refresh-storm", "/session",
-           needs=ISSUER | {"redis"}, ready=False,
-           note="not built yet: needs session mode and an issuer /token (TODO above)"),
+    Target(
+        "tg-bearer-warm",
+        "tokengate",
+        "bearer-warm",
+        "/bearer",
+        needs=ISSUER,
+        note="one valid RS256 token, verified-token cache hit",
+    ),
+    Target(
+        "tg-bearer-cold",
+        "tokengate",
+        "bearer-cold",
+        "/bearer",
+        needs=ISSUER,
+        note="a new token every request, cache miss (signature check)",
+    ),
+    Target(
+        "tg-session",
+        "tokengate",
+        "session",
+        "/session",
+        needs=ISSUER | {"redis"},
+        ready=False,
+        note="not built yet: tokengate has no session mode (TODO in targets.py)",
+    ),
+    Target(
+        "tg-refresh-storm",
+        "tokengate",
+        "refresh-storm",
+        "/session",
+        needs=ISSUER | {"redis"},
+        ready=False,
+        note="not built yet: needs sessions and an issuer /token (TODO in targets.py)",
+    ),
 )
 BY_NAME = {t.name: t for t in TARGETS}
 THROUGHPUT = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold")
@@ -97,8 +122,13 @@ def tokengate_config(
             "token_cache_size": token_cache_size,
         }
         routes.append(
-            {"prefix": "/bearer/", "upstream": origin_url, "auth": "bearer",
-             "scopes": ["api.read"], "strip_prefix": True}
+            {
+                "prefix": "/bearer/",
+                "upstream": origin_url,
+                "auth": "bearer",
+                "scopes": ["api.read"],
+                "strip_prefix": True,
+            }
         )
         # TODO(session): {"prefix": "/session/", "upstream": origin_url, "auth": "session",
         #   "scopes": ["api.read"], "strip_prefix": True} and a "session:" section.

@@ -19,9 +19,8 @@ _PERCENTILE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", r
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
 _TOTAL = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", re.MULTILINE)
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
-_SOCKET = re.compile(
-    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
-)
+_NEXT_INDEX = re.compile(r"^next-index: (\d+)$", re.MULTILINE)  # from lua/pick_header.lua
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +31,7 @@ class WrkResult:
     p99_ms: float
     non_2xx: int
     socket_errors: int
+    next_index: int | None = None  # where lua/pick_header.lua stopped
 
     @property
     def errors(self) -> int:
@@ -46,6 +46,7 @@ def parse_wrk(output: str) -> WrkResult:
         raise BenchError(f"cannot parse wrk output:\n{output}")
     non_2xx = _NON_2XX.search(output)
     socket_errors = _SOCKET.search(output)
+    next_index = _NEXT_INDEX.search(output)
     return WrkResult(
         rps=float(rps.group(1)),
         requests=int(total.group(1)),
@@ -53,6 +54,7 @@ def parse_wrk(output: str) -> WrkResult:
         p99_ms=percentiles["99"],
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=sum(int(n) for n in socket_errors.groups()) if socket_errors else 0,
+        next_index=int(next_index.group(1)) if next_index else None,
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE, Metrics
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -34,7 +35,7 @@ class Readiness:
         for name, check in list(self._checks.items()):
             try:
                 results[name] = await asyncio.wait_for(check(), _CHECK_TIMEOUT_S)
-            except (TimeoutError, OSError):
+            except (TimeoutError, OSError, GatewayError):
                 results[name] = False
         return results
 

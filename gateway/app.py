@@ -9,18 +9,28 @@ the HTTP sessions they fetch with. Serving (sockets, signals, workers) is ``serv
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
 from gateway.admin import Readiness
 from gateway.auth import Authenticator
+from gateway.bff.login import LoginEndpoints
+from gateway.bff.logout import LogoutEndpoints
 from gateway.idp.discovery import Discovery
+from gateway.idp.oauth2 import OAuth2Client
 from gateway.ingress import Ingress, aiohttp_parser_limits, set_request_id_header
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
+from gateway.sessions.authenticator import SessionAuthenticator
+from gateway.sessions.cookie import SessionCookies
+from gateway.sessions.memory_store import MemorySessionStore
+from gateway.sessions.model import SessionStore
+from gateway.sessions.redis_store import RedisSessionStore, build_redis
+from gateway.sessions.refresh import Refresher
 from gateway.settings import Settings
 from gateway.tokens.jwks import JwksCache
 from gateway.tokens.validator import TokenValidator
@@ -29,6 +39,8 @@ from gateway.upstream import Upstream
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
+Clock = Callable[[], float]
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")  # wall clock; tests move it forward
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
@@ -36,6 +48,11 @@ IDP_HTTP = web.AppKey("idp_http", aiohttp.ClientSession)
 DISCOVERY = web.AppKey("discovery", Discovery)
 JWKS = web.AppKey("jwks", JwksCache)
 VALIDATOR = web.AppKey("validator", TokenValidator)
+STORE: web.AppKey[SessionStore] = web.AppKey("session_store")
+REFRESHER = web.AppKey("refresher", Refresher)
+SESSIONS = web.AppKey("session_authenticator", SessionAuthenticator)
+LOGIN = web.AppKey("login", LoginEndpoints)
+LOGOUT = web.AppKey("logout", LogoutEndpoints)
 PROXY = web.AppKey("proxy", Proxy)
 
 _UPSTREAM_POOL_LIMIT = 1024
@@ -92,6 +109,50 @@ async def token_keys(app: web.Application) -> AsyncIterator[None]:
     await jwks.aclose()
 
 
+async def session_store(app: web.Application) -> AsyncIterator[None]:
+    """The session store (Redis pool, or memory for one replica), when a route needs it."""
+    settings = app[SETTINGS]
+    if not settings.uses_sessions:
+        yield
+        return
+    store: SessionStore
+    if settings.session.store == "memory":
+        store = MemorySessionStore(settings.session)
+        log.warning("memory_session_store", extra={"note": "one replica only; lost on restart"})
+    else:
+        store = RedisSessionStore(settings.session, build_redis(settings.session), app[METRICS])
+    app[STORE] = store
+    app[READINESS].add_check("session_store", store.ping)
+    yield
+    app[READINESS].remove_check("session_store")
+    await store.aclose()
+
+
+async def sessions(app: web.Application) -> AsyncIterator[None]:
+    """Refresh, session authentication and the /auth/ endpoints, built on the store."""
+    settings = app[SETTINGS]
+    if STORE not in app:
+        yield
+        return
+    store, metrics = app[STORE], app[METRICS]
+    oauth = OAuth2Client(settings.oidc, settings.refresh, app[DISCOVERY], app[IDP_HTTP], metrics)
+    refresher = Refresher(store, oauth, settings.refresh, metrics, clock=app[CLOCK])
+    cookies = SessionCookies(settings.session)
+    authenticator = SessionAuthenticator(
+        cookies, store, refresher, settings.csrf, settings.public_url
+    )
+    app[REFRESHER] = refresher
+    app[SESSIONS] = authenticator
+    app[LOGIN] = LoginEndpoints(
+        settings, app[DISCOVERY], oauth, app[VALIDATOR], store, cookies, metrics, app[CLOCK]
+    )
+    app[LOGOUT] = LogoutEndpoints(
+        settings, app[DISCOVERY], oauth, app[VALIDATOR], store, cookies, authenticator, metrics
+    )
+    yield
+    await refresher.aclose()
+
+
 async def proxy(app: web.Application) -> AsyncIterator[None]:
     """The route table, the authenticator and the forwarder, wired in request order."""
     settings = app[SETTINGS]
@@ -101,7 +162,7 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=settings.limits.max_body_bytes,
         session_cookie=settings.session.cookie_name if settings.uses_sessions else None,
     )
-    auth = Authenticator(app.get(VALIDATOR))
+    auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS))
     app[PROXY] = Proxy(RouteTable.build(settings.routes), auth, upstream)
     yield
 
@@ -110,11 +171,35 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
+def add_auth_routes(app: web.Application) -> None:
+    async def login(request: web.Request) -> web.StreamResponse:
+        return await request.app[LOGIN].login(request)
+
+    async def callback(request: web.Request) -> web.StreamResponse:
+        return await request.app[LOGIN].callback(request)
+
+    async def session_info(request: web.Request) -> web.StreamResponse:
+        return await request.app[LOGOUT].session_info(request)
+
+    async def logout(request: web.Request) -> web.StreamResponse:
+        return await request.app[LOGOUT].logout(request)
+
+    async def backchannel_logout(request: web.Request) -> web.StreamResponse:
+        return await request.app[LOGOUT].backchannel_logout(request)
+
+    app.router.add_get("/auth/login", login)
+    app.router.add_get("/auth/callback", callback)
+    app.router.add_get("/auth/session", session_info)
+    app.router.add_post("/auth/logout", logout)
+    app.router.add_post("/auth/backchannel-logout", backchannel_logout)
+
+
 def build_app(
     settings: Settings,
     *,
     metrics: Metrics | None = None,
     readiness: Readiness | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     metrics = metrics or Metrics()
     ingress = Ingress(settings.limits, settings.log, metrics)
@@ -124,9 +209,12 @@ def build_app(
         client_max_size=settings.limits.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     app[METRICS] = metrics
     app[READINESS] = readiness or Readiness()
-    app.cleanup_ctx.extend((upstream_http, idp_http, token_keys, proxy))
+    app.cleanup_ctx.extend((upstream_http, idp_http, token_keys, session_store, sessions, proxy))
     app.on_response_prepare.append(set_request_id_header)
+    if settings.uses_sessions:
+        add_auth_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

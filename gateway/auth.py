@@ -31,7 +31,7 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 class SessionAuthenticator(Protocol):
     async def authenticate(self, request: web.Request, route: Route) -> Principal: ...
 
-    def login_url(self, request: web.Request) -> str: ...
+    async def after_upstream_rejection(self, principal: Principal) -> Principal | None: ...
 
 
 def parse_bearer(request: web.Request) -> str | None:
@@ -75,3 +75,9 @@ class Authenticator:
             ctx.auth_mode = principal.via
             ctx.subject = principal.subject
         return principal
+
+    async def after_upstream_rejection(self, principal: Principal) -> Principal | None:
+        """A fresher principal to replay with after an upstream 401, or None."""
+        if principal.via != "session" or self._sessions is None:
+            return None
+        return await self._sessions.after_upstream_rejection(principal)

@@ -85,12 +85,22 @@ class AuthenticationRequiredError(GatewayError):
     code = "unauthenticated"
     default_description = "authentication required"
 
-    def __init__(self, description: str | None = None, *, login_url: str | None = None) -> None:
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        login_url: str | None = None,
+        set_cookie: str | None = None,
+    ) -> None:
         super().__init__(description)
         self.login_url = login_url
+        self.set_cookie = set_cookie  # e.g. the deletion of a dead session cookie
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
+        headers = {"WWW-Authenticate": "Bearer"}
+        if self.set_cookie:
+            headers["Set-Cookie"] = self.set_cookie
+        return headers
 
     def body(self) -> dict[str, Any]:
         body = super().body()

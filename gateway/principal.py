@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.sessions.model import SessionHandle
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -15,7 +17,7 @@ class Principal:
     expires_at: float
     access_token: str = field(repr=False)  # SECURITY: never in a repr, so never in a log
     via: Literal["bearer", "session"] = "bearer"
-    session_id_hash: str | None = None
+    handle: SessionHandle | None = field(default=None, repr=False)  # session requests only
 
 
 def parse_scopes(claims: Mapping[str, Any]) -> frozenset[str]:

@@ -37,4 +37,12 @@ class Proxy:
             return await forward_websocket(request, route, self._upstream, headers, upstream_path)
         body = await self._upstream.read_body(request, route)
         response = await self._upstream.open(request, route, headers, body, upstream_path)
+        if response.status == 401 and principal is not None and body.replayable:
+            # The upstream refused our session's token (revoked, or expired early): refresh
+            # once and replay once. Never twice: the second answer is the answer.
+            renewed = await self._auth.after_upstream_rejection(principal)
+            if renewed is not None:
+                response.release()
+                headers["Authorization"] = f"Bearer {renewed.access_token}"
+                response = await self._upstream.open(request, route, headers, body, upstream_path)
         return await self._upstream.relay(request, response)

@@ -126,6 +126,8 @@ class OidcSettings(Section):
     client_auth: ClientAuth | None = None  # default: client_secret_basic with a secret, else none
     private_key: SecretStr | None = None  # PEM, for private_key_jwt (usually private_key_file)
     private_key_id: str | None = None
+    private_key_alg: Literal["RS256", "PS256", "ES256", "EdDSA"] = "RS256"
+    post_logout_redirect_uri: str | None = None  # default: {public_url}/
     scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
     audience: tuple[str, ...] = ()
     algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
@@ -136,7 +138,7 @@ class OidcSettings(Section):
     token_cache_size: int = Field(10_000, ge=0)
     # Login (authorization request) tuning.
     prompt: str | None = None
-    consent_for_offline_access: bool = True  # send prompt=consent with offline_access
+    consent_for_offline_access: bool = False  # send prompt=consent with offline_access
     acr_values: str | None = None
     extra_auth_params: dict[str, str] = Field(default_factory=dict)
     claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
@@ -195,15 +197,22 @@ class RefreshSettings(Section):
     ahead_s: float = Field(60.0, ge=0)
     dialect: Literal["oauth2", "json"] = "oauth2"
     timeout_s: float = Field(10.0, gt=0, le=120)  # one IdP refresh call, enforced
-    lock_wait_s: float = Field(15.0, gt=0)  # a request waits this long for another's refresh
+    lock_wait_s: float | None = Field(None, gt=0)  # default: the lock's TTL, plus 1 s
     retry_after_s: int = Field(5, ge=1)
     default_lifetime_s: float = Field(300.0, gt=0)  # opaque token and no expires_in
+    token_endpoint: str | None = None  # default: from discovery
+    scope: tuple[str, ...] = ()  # ask for a narrower scope on refresh (RFC 6749 §6)
 
     @property
     def lock_ttl_s(self) -> float:
         # The lock must outlive the IdP call plus the write of its result, or a second
         # replica could refresh with a refresh token the first is about to rotate.
-        return self.timeout_s * 2 + 5.0
+        return self.timeout_s * 2 + 2.0
+
+    @property
+    def effective_lock_wait_s(self) -> float:
+        # Waiters outlast a holder that died with the lock (SIGKILL): its TTL frees it.
+        return self.lock_wait_s if self.lock_wait_s is not None else self.lock_ttl_s + 1.0
 
 
 class SessionSettings(Section):
@@ -344,6 +353,16 @@ class Settings(BaseSettings):
             seen_name[route.name] = index
             if route.auth != "none" and not (self.oidc.issuer or self.oidc.jwks_uri):
                 raise ValueError(f"routes.{index}.auth: {route.auth} needs oidc.issuer")
+        if not self.session.cookie_secure and not (
+            self.public_url.startswith("http://")
+            and is_loopback_host(urlsplit(self.public_url).hostname)
+        ):
+            # SECURITY: a session cookie without Secure is for http://localhost development only.
+            raise ValueError(
+                "session.cookie_secure: false is allowed only for an http loopback public_url"
+            )
+        if self.uses_sessions and not (self.oidc.issuer and self.oidc.client_id):
+            raise ValueError("oidc.issuer and oidc.client_id are needed by session routes")
         if self.workers > 1 and self.session.store == "memory" and self.uses_sessions:
             raise ValueError("session.store: memory cannot be shared by workers > 1")
         return self

@@ -81,6 +81,15 @@ class TokenValidator:
             self._cache_generation = self._jwks.generation
 
     async def _verify(self, token: str) -> Principal:
+        claims = await self.verify_jwt(
+            token, audience=self._settings.audience, require=self._required
+        )
+        return principal_from_claims(claims, token)
+
+    async def verify_jwt(
+        self, token: str, *, audience: tuple[str, ...], require: list[str]
+    ) -> dict[str, Any]:
+        """Any JWT of our issuer (access, ID or logout token): signature, iss, aud, times."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -97,25 +106,17 @@ class TokenValidator:
         except InvalidTokenError as exc:
             exc.result = "unknown_key"
             raise
-        claims = self.decode(token, key.key, alg)
-        return principal_from_claims(claims, token)
-
-    def decode(
-        self, token: str, key: Any, alg: str, *, audience: tuple[str, ...] | None = None
-    ) -> dict[str, Any]:
-        """Verify signature and registered claims; ``audience`` overrides the configured one."""
         settings = self._settings
-        audience = settings.audience if audience is None else audience
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                key,
+                key.key,
                 algorithms=[alg],
                 audience=list(audience) or None,
                 issuer=settings.issuer,
                 leeway=settings.leeway_s,
                 options={
-                    "require": self._required,
+                    "require": require,
                     "verify_aud": bool(audience),
                     "verify_iss": settings.issuer is not None,
                 },

@@ -1,0 +1,228 @@
+"""Turning runs into tables: medians over rounds, ratios taken within each round.
+
+Every number in a table is the median over rounds. A ratio (``x nginx``, ``x floor``,
+added latency) is computed in each round against the reference measured in that same
+round, then the median of those is taken, so slow drift of the machine cancels out.
+Tables are Markdown; :func:`render` makes the report printed and written to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wrk import WrkResult
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One wrk run of one target in one round."""
+
+    target: str
+    round: int
+    wrk: WrkResult
+    cpu_s: float | None  # the target's process tree, None for the bare origin
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        if self.cpu_s is None or not self.wrk.requests:
+            return None
+        return self.cpu_s * 1e6 / self.wrk.requests
+
+
+Runs = dict[str, list[Run]]  # target name -> its runs, one per round
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def per_round(
+    runs: Runs, target: str, reference: str, combine: Callable[[Run, Run], float]
+) -> float | None:
+    """Median over rounds of ``combine(run, reference run of the same round)``."""
+    if target not in runs or reference not in runs:
+        return None
+    refs = {r.round: r for r in runs[reference]}
+    return median([combine(r, refs[r.round]) for r in runs[target] if r.round in refs])
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    for row in rows:
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rps_ratio(run: Run, ref: Run) -> float:
+    return run.wrk.rps / ref.wrk.rps
+
+
+def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str], int]) -> str:
+    header = [
+        "body",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/req",
+        "peak RSS MiB",
+        "x nginx",
+        "x floor",
+        "errors",
+    ]
+    rows = []
+    for body, runs in by_body.items():
+        for target, target_runs in runs.items():
+            rss = peak_rss_kib.get((body, target))
+            rows.append(
+                [
+                    body,
+                    target,
+                    fmt(median([r.wrk.rps for r in target_runs]), 0),
+                    fmt(median([r.wrk.p50_ms for r in target_runs])),
+                    fmt(median([r.wrk.p99_ms for r in target_runs])),
+                    fmt(median([r.cpu_us_per_request for r in target_runs]), 0),
+                    fmt(rss / 1024 if rss else None, 1),
+                    fmt(per_round(runs, target, "nginx", rps_ratio)),
+                    fmt(per_round(runs, target, "floor", rps_ratio)),
+                    str(sum(r.wrk.errors for r in target_runs)),
+                ]
+            )
+    return table(header, rows)
+
+
+def latency_table(runs: Runs, body: str, baseline: str = "origin") -> str:
+    header = [
+        "body",
+        "target",
+        "p50 ms",
+        "p99 ms",
+        f"+p50 ms vs {baseline}",
+        f"+p99 ms vs {baseline}",
+        "errors",
+    ]
+    rows = []
+    for target, target_runs in runs.items():
+        rows.append(
+            [
+                body,
+                target,
+                fmt(median([r.wrk.p50_ms for r in target_runs]), 3),
+                fmt(median([r.wrk.p99_ms for r in target_runs]), 3),
+                fmt(per_round(runs, target, baseline, lambda r, b: r.wrk.p50_ms - b.wrk.p50_ms), 3),
+                fmt(per_round(runs, target, baseline, lambda r, b: r.wrk.p99_ms - b.wrk.p99_ms), 3),
+                str(sum(r.wrk.errors for r in target_runs)),
+            ]
+        )
+    return table(header, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMemory:
+    requests: int
+    rss_kib: tuple[int, ...]  # VmRSS of each worker after ``requests``
+    hwm_kib: tuple[int, ...]  # VmHWM of each worker
+
+
+def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, reference: str) -> str:
+    header = [
+        "body",
+        "target",
+        "req/s",
+        "x 1 worker",
+        "p99 ms",
+        "CPU µs/req",
+        "requests sent",
+        "RSS/worker MiB",
+        "peak/worker MiB",
+        "errors",
+    ]
+    rows = []
+    for target, target_runs in runs.items():
+        mem = memory.get(target)
+        rows.append(
+            [
+                body,
+                target,
+                fmt(median([r.wrk.rps for r in target_runs]), 0),
+                fmt(per_round(runs, target, reference, rps_ratio)),
+                fmt(median([r.wrk.p99_ms for r in target_runs])),
+                fmt(median([r.cpu_us_per_request for r in target_runs]), 0),
+                f"{mem.requests:,}" if mem else "-",
+                " / ".join(f"{k / 1024:.1f}" for k in mem.rss_kib) if mem else "-",
+                " / ".join(f"{k / 1024:.1f}" for k in mem.hwm_kib) if mem else "-",
+                str(sum(r.wrk.errors for r in target_runs)),
+            ]
+        )
+    return table(header, rows)
+
+
+def render(
+    sections: Sequence[tuple[str, str]],
+    *,
+    command: str,
+    access_log: bool,
+    notes: Sequence[tuple[str, str]],
+) -> str:
+    """The whole report: when, how, on what, then one titled table per section."""
+    lines = [
+        "# tokengate benchmark",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+        f"- command: `{command}`",
+        f"- machine: {machine()}",
+        f"- tokengate: {git_revision()}, access log {'on' if access_log else 'off'}",
+        "",
+    ]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    lines.append("Targets:")
+    lines += [f"- `{name}`: {note}" for name, note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (
+        f"{os.cpu_count()} x {cpu}, Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def git_revision() -> str:
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+        return done.stdout.strip()
+
+    revision = git("rev-parse", "--short", "HEAD") or "unknown"
+    return revision + (" (dirty tree)" if git("status", "--porcelain", "--", "gateway") else "")

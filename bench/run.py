@@ -1,0 +1,292 @@
+"""The tokengate benchmark (issue #5): tokengate against nginx (the limit) and a bare
+aiohttp proxy (the floor), all on loopback, in interleaved rounds.
+
+    python bench/run.py                       # the default run, ~7 minutes on 2 cores
+    python bench/run.py --rounds 5 --results bench/RESULTS.md
+    python bench/run.py --smoke               # seconds; asserts every target answers 200
+
+Sections: throughput per body size (-t2 -c64), added latency at one connection (-t1 -c1)
+and scaling (workers 1 and 2, RSS per worker after --rss-requests). What a target is lives
+in targets.py; starting it in servers.py; tables in report.py. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+import nginx
+from procs import (
+    BenchError,
+    Processes,
+    cmdline,
+    status_kib,
+    tree_cpu_s,
+    tree_peak_rss_kib,
+    tree_pids,
+)
+from report import (
+    Run,
+    Runs,
+    WorkerMemory,
+    latency_table,
+    render,
+    scaling_table,
+    throughput_table,
+)
+from servers import Lab, Running
+from targets import BY_NAME, LATENCY, TARGETS, THROUGHPUT
+from wrk import run_wrk
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per target")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    p.add_argument("--bodies", default=",".join(nginx.BODIES), help="default 200b,16k,1m")
+    p.add_argument("--targets", default=",".join(THROUGHPUT), help="throughput targets")
+    p.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="tokengate with log.access_log: false (default: on, as production)",
+    )
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--scaling-target", default="tg-bearer-warm")
+    p.add_argument(
+        "--rss-requests",
+        type=int,
+        default=100_000,
+        help="requests before reading RSS per worker (issue: 1000000)",
+    )
+    p.add_argument(
+        "--cold-tokens",
+        type=int,
+        default=12_000,
+        help="distinct tokens for bearer-cold; must exceed the token cache",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="1 round, 1 s per target, 200b only; exit 0 iff all answered 200",
+    )
+    p.add_argument("--results", type=Path, help="also write the report here (Markdown)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.duration, args.warmup, args.connections = 1, 1, 0, 8
+        args.bodies, args.cold_tokens = "200b", 64
+        args.skip_latency = args.skip_scaling = True
+    args.bodies = args.bodies.split(",")
+    args.targets = args.targets.split(",")
+    for name in [*args.targets, args.scaling_target]:
+        if name not in BY_NAME:
+            p.error(f"unknown target {name}; known: {', '.join(BY_NAME)}")
+        if not BY_NAME[name].ready:
+            p.error(f"{name}: {BY_NAME[name].note}")
+    if any(body not in nginx.BODIES for body in args.bodies):
+        p.error(f"--bodies: choose from {', '.join(nginx.BODIES)}")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, lab: Lab) -> None:
+        self.args = args
+        self.lab = lab
+        self.sent: dict[str, int] = {}  # requests sent to each started target
+        self.errors = 0  # non-2xx answers and socket errors, over every run
+
+    def run(self) -> str:
+        args, lab = self.args, self.lab
+        lab.start_origin()
+        selected = [BY_NAME[n] for n in args.targets]
+        if any("issuer" in t.needs for t in [*selected, BY_NAME[args.scaling_target]]):
+            lab.start_issuer(args.cold_tokens)
+        sections = []
+        by_body: dict[str, Runs] = {}
+        peak: dict[tuple[str, str], int] = {}
+        latency: Runs = {}
+        for body in args.bodies:
+            with_latency = body == args.bodies[0] and not args.skip_latency
+            extra = [BY_NAME[n] for n in LATENCY if with_latency and n not in args.targets]
+            running = lab.start(selected + extra, tag=body)
+            try:
+                group = [running[t.name] for t in selected]
+                self.prepare(group, body)
+                by_body[body] = self.rounds("throughput", group, body)
+                for run in group:
+                    assert run.proc is not None
+                    peak[(body, run.target.name)] = tree_peak_rss_kib(run.proc.pid)
+                if with_latency:
+                    lowload = [running[n] for n in LATENCY if n in running]
+                    latency = self.rounds("latency", lowload, body, threads=1, connections=1)
+            finally:
+                self.stop(running)
+        c, t, d = args.connections, args.threads, args.duration
+        sections.append(
+            (
+                f"Throughput (wrk -t{t} -c{c}, {args.rounds} rounds x {d} s, interleaved)",
+                throughput_table(by_body, peak),
+            )
+        )
+        if latency:
+            sections.append(
+                (
+                    f"Latency at one connection (wrk -t1 -c1, body {args.bodies[0]})",
+                    latency_table(latency, args.bodies[0]),
+                )
+            )
+        if not args.skip_scaling:
+            sections.append(self.scaling())
+        return render(
+            sections,
+            command=shlex.join(["python", "bench/run.py", *sys.argv[1:]]),
+            access_log=not args.no_access_log,
+            notes=[(t.name, t.note) for t in TARGETS],
+        )
+
+    def prepare(self, group: list[Running], body: str) -> None:
+        for run in group:
+            self.lab.probe(run, body)
+        if self.args.warmup > 0:
+            for run in group:
+                self.measure(
+                    run, body, -1, self.args.threads, self.args.connections, self.args.warmup
+                )
+
+    def rounds(
+        self,
+        section: str,
+        group: list[Running],
+        body: str,
+        *,
+        threads: int | None = None,
+        connections: int | None = None,
+    ) -> Runs:
+        threads = threads or self.args.threads
+        connections = connections or self.args.connections
+        runs: Runs = {run.target.name: [] for run in group}
+        for i in range(self.args.rounds):
+            for run in group:  # A B C ... A B C ...
+                result = self.measure(run, body, i, threads, connections, self.args.duration)
+                runs[run.target.name].append(result)
+                log(
+                    f"[{section} {body} {i + 1}/{self.args.rounds}] {run.target.name:<22} "
+                    f"{result.wrk.rps:>9,.0f} req/s  p50 {result.wrk.p50_ms:7.2f} ms  "
+                    f"p99 {result.wrk.p99_ms:7.2f} ms  errors {result.wrk.errors}"
+                )
+        return runs
+
+    def measure(
+        self, run: Running, body: str, round_: int, threads: int, connections: int, duration_s: int
+    ) -> Run:
+        extra, script_args = self.lab.client_args(run.target, threads)
+        pid = run.proc.pid if run.proc else None
+        before = tree_cpu_s(pid) if pid else None
+        result = run_wrk(
+            run.url(body),
+            duration_s=duration_s,
+            threads=threads,
+            connections=connections,
+            extra=extra,
+            script_args=script_args,
+        )
+        cpu_s = tree_cpu_s(pid) - before if pid and before is not None else None
+        if result.next_index is not None:
+            self.lab.advance_cold_cursor(result.next_index)
+        self.sent[run.target.name] = self.sent.get(run.target.name, 0) + result.requests
+        self.errors += result.errors
+        return Run(run.target.name, round_, result, cpu_s)
+
+    def scaling(self) -> tuple[str, str]:
+        base, body = BY_NAME[self.args.scaling_target], self.args.bodies[0]
+        variants = [
+            dataclasses.replace(base, name=f"{base.name} workers={n}", workers=n) for n in (1, 2)
+        ]
+        running = self.lab.start(variants, tag="scaling")
+        try:
+            group = list(running.values())
+            self.sent.clear()
+            self.prepare(group, body)
+            runs = self.rounds("scaling", group, body)
+            memory = {run.target.name: self.fill(run, body) for run in group}
+        finally:
+            self.stop(running)
+        title = (
+            f"Scaling ({base.name}, body {body}, wrk -t{self.args.threads} "
+            f"-c{self.args.connections}; RSS per worker after the requests sent)"
+        )
+        return title, scaling_table(runs, memory, body, reference=variants[0].name)
+
+    def fill(self, run: Running, body: str) -> WorkerMemory:
+        """Send requests until ``--rss-requests`` in total, then read each worker's RSS."""
+        rps = None
+        while (sent := self.sent.get(run.target.name, 0)) < self.args.rss_requests:
+            left = self.args.rss_requests - sent
+            chunk_s = 2 if rps is None else min(60, max(1, round(left / rps + 0.5)))
+            rps = self.measure(
+                run, body, -1, self.args.threads, self.args.connections, chunk_s
+            ).wrk.rps
+        assert run.proc is not None
+        pids = tree_pids(run.proc.pid)
+        workers = (
+            pids[:1]
+            if run.target.workers == 1
+            else [p for p in pids[1:] if "spawn_main" in cmdline(p)]
+        )
+        return WorkerMemory(
+            requests=self.sent[run.target.name],
+            rss_kib=tuple(status_kib(p, "VmRSS") for p in workers),
+            hwm_kib=tuple(status_kib(p, "VmHWM") for p in workers),
+        )
+
+    def stop(self, running: dict[str, Running]) -> None:
+        for run in running.values():
+            if run.proc is not None:
+                self.lab.procs.stop(run.proc)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops every process
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tokengate-bench-") as tmp:
+        procs = Processes(Path(tmp))
+        lab = Lab(Path(tmp), procs, access_log=not args.no_access_log)
+        bench = Bench(args, lab)
+        try:
+            report = bench.run()
+        except BenchError as exc:
+            log(f"bench: {exc}")
+            return 1
+        finally:
+            procs.stop_all()
+    print(report, flush=True)
+    if args.results:
+        args.results.write_text(report)
+    log(f"done in {time.monotonic() - started:.0f}s")
+    if bench.errors:
+        log(f"bench: {bench.errors} requests failed (non-2xx or socket errors)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

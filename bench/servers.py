@@ -1,0 +1,203 @@
+"""Starting what a target needs: the origin, the issuer and tokens, and each proxy.
+
+:class:`Lab` owns the run's temp dir and every process in it (through ``Processes``).
+The origin and the issuer live for the whole benchmark; proxies are started per group
+of runs (:meth:`Lab.start`) so each group's peak RSS is its own. :meth:`Lab.client_args`
+says what wrk sends to a target: nothing, one token, or a new token every request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nginx
+import yaml
+from issuer import Issuer
+from procs import (
+    LOOPBACK,
+    BenchError,
+    Proc,
+    Processes,
+    free_port,
+    http_get,
+    listening_sockets,
+    wait_until_ready,
+)
+from targets import Target, tokengate_config
+
+BENCH_DIR = Path(__file__).resolve().parent
+PICK_HEADER_LUA = BENCH_DIR / "lua" / "pick_header.lua"
+TOKEN_CACHE_SIZE = 10_000  # tokengate's default oidc.token_cache_size, set explicitly
+
+
+@dataclass
+class Running:
+    """A started target: where to send requests, and whose process tree to measure."""
+
+    target: Target
+    base_url: str
+    proc: Proc | None  # None: the shared origin, not measured
+    admin_port: int | None = None
+
+    def url(self, body: str) -> str:
+        return f"{self.base_url}{self.target.path}/{body}"
+
+
+class Lab:
+    def __init__(self, tmp: Path, procs: Processes, *, access_log: bool) -> None:
+        self.tmp = tmp
+        self.procs = procs
+        self.access_log = access_log
+        self.origin_port = 0
+        self.issuer_url: str | None = None
+        self.warm_token = ""
+        self.cold_tokens_file = tmp / "tokens.txt"
+        self.cold_first = ""
+        self._cold_cursor = 0  # next token index, carried across runs so tokens stay new
+
+    # -- shared fixtures -------------------------------------------------------------
+
+    def start_origin(self) -> None:
+        self.origin_port = free_port()
+        proc = self.procs.start("origin", nginx.origin_argv(self.tmp / "origin", self.origin_port))
+        wait_until_ready(proc, f"http://{LOOPBACK}:{self.origin_port}/200b")
+
+    def start_issuer(self, cold_tokens: int) -> None:
+        port = free_port()
+        self.issuer_url = f"http://{LOOPBACK}:{port}"
+        issuer = Issuer.generate(self.issuer_url)
+        key = self.tmp / "issuer.pem"
+        issuer.write_pem(key)
+        argv = [
+            sys.executable,
+            str(BENCH_DIR / "issuer.py"),
+            "--key",
+            str(key),
+            "--port",
+            str(port),
+        ]
+        proc = self.procs.start("issuer", argv)
+        self.warm_token = issuer.mint("warm-user")
+        started = time.monotonic()
+        tokens = [issuer.mint(f"user-{i}") for i in range(cold_tokens)]
+        self.cold_tokens_file.write_text("\n".join(tokens) + "\n")
+        self.cold_first = tokens[0]
+        print(
+            f"minted {cold_tokens} tokens in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        wait_until_ready(proc, f"{self.issuer_url}/.well-known/openid-configuration")
+
+    # -- targets ---------------------------------------------------------------------
+
+    def start(self, targets: list[Target], tag: str) -> dict[str, Running]:
+        """Start ``targets`` at once, then wait until each is ready and answers 200."""
+        pending = [(t, self._launch(t, tag)) for t in targets]
+        running = {}
+        for target, (run, ready_url) in pending:
+            if run.proc is not None:
+                self._wait_ready(run, ready_url)
+            running[target.name] = run
+        return running
+
+    def _launch(self, target: Target, tag: str) -> tuple[Running, str]:
+        if target.kind == "origin":
+            url = f"http://{LOOPBACK}:{self.origin_port}"
+            return Running(target, url, None), f"{url}/200b"
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        name = f"{target.name}-{tag}"
+        if target.kind == "nginx":
+            argv = nginx.proxy_argv(self.tmp / name, port, self.origin_port)
+            return Running(target, url, self.procs.start(name, argv)), f"{url}/200b"
+        if target.kind == "floor":
+            argv = [
+                sys.executable,
+                str(BENCH_DIR / "floor.py"),
+                "--port",
+                str(port),
+                "--upstream",
+                f"http://{LOOPBACK}:{self.origin_port}",
+            ]
+            return Running(target, url, self.procs.start(name, argv)), f"{url}/200b"
+        admin_port = free_port()
+        config = tokengate_config(
+            port=port,
+            admin_port=admin_port,
+            origin_url=f"http://{LOOPBACK}:{self.origin_port}",
+            issuer_url=self.issuer_url if "issuer" in target.needs else None,
+            workers=target.workers,
+            access_log=self.access_log,
+            token_cache_size=TOKEN_CACHE_SIZE,
+        )
+        config_path = self.tmp / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # The bench's config is the whole truth: no TOKENGATE_* from the caller's shell.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+        argv = [sys.executable, "-m", "gateway", "run", "--config", str(config_path)]
+        proc = self.procs.start(name, argv, env=env)
+        return Running(target, url, proc, admin_port), f"http://{LOOPBACK}:{admin_port}/readyz"
+
+    def _wait_ready(self, run: Running, ready_url: str) -> None:
+        assert run.proc is not None
+        wait_until_ready(run.proc, ready_url)
+        workers = run.target.workers
+        if workers == 1:
+            return
+        # SO_REUSEPORT: every worker must listen (and be ready) before traffic starts.
+        port = int(run.base_url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        streak = 0
+        while streak < 20 * workers:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{run.target.name}: workers not all ready\n{run.proc.log_tail()}")
+            both_listen = (
+                listening_sockets(port) >= workers
+                and listening_sockets(run.admin_port or 0) >= workers
+            )
+            ok = both_listen and http_get(ready_url, timeout_s=1.0)[0] == 200
+            streak = streak + 1 if ok else 0
+            if not ok:
+                time.sleep(0.05)  # polling interval
+
+    def probe(self, run: Running, body: str) -> None:
+        """One request as wrk will send it: must be a 200 with the whole body."""
+        headers = {}
+        if run.target.client == "bearer-warm":
+            headers["Authorization"] = f"Bearer {self.warm_token}"
+        elif run.target.client == "bearer-cold":
+            headers["Authorization"] = f"Bearer {self.cold_first}"
+        status, data = http_get(run.url(body), headers)
+        if status != 200 or len(data) != nginx.BODIES[body]:
+            tail = run.proc.log_tail() if run.proc else ""
+            raise BenchError(
+                f"{run.target.name}: GET {run.url(body)} answered {status} "
+                f"with {len(data)} bytes\n{tail}"
+            )
+
+    def client_args(self, target: Target, threads: int) -> tuple[list[str], list[str]]:
+        """(wrk options, script arguments) for what this target's client sends."""
+        if target.client == "plain":
+            return [], []
+        if target.client == "bearer-warm":
+            return ["-H", f"Authorization: Bearer {self.warm_token}"], []
+        if target.client == "bearer-cold":
+            start = self._cold_cursor
+            return ["-s", str(PICK_HEADER_LUA)], [
+                str(self.cold_tokens_file),
+                "Authorization",
+                "Bearer ",
+                str(start),
+                str(threads),
+            ]
+        # TODO(session, refresh-storm): cookies.txt + pick_header.lua, see targets.py.
+        raise NotImplementedError(f"client {target.client!r} is not built yet")
+
+    def advance_cold_cursor(self, next_index: int) -> None:
+        """Continue the next run where this one stopped, so its tokens are new to tokengate."""
+        self._cold_cursor = next_index

@@ -1,0 +1,138 @@
+"""The session as a value, and the interface every session store implements.
+
+A ``SessionHandle`` is what the cookie proves: a storage id (a hash of the cookie's secret,
+safe to store) and the per-session encryption key (never stored). Stores persist ``Session``
+values encrypted under that key; how, and with which TTLs, is each backend's business
+(``sessions.redis_store``, ``sessions.memory_store``). The cookie itself is ``sessions.cookie``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHandle:
+    storage_id: str  # hex; a one-way hash of the cookie secret, safe to keep in Redis
+    key: bytes = field(repr=False)  # AES-256-GCM key; lives only in the cookie
+
+    def __post_init__(self) -> None:
+        if len(self.key) != 32:
+            raise ValueError("a session key is 32 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    subject: str
+    access_token: str = field(repr=False)
+    access_expires_at: float
+    refresh_token: str | None = field(default=None, repr=False)
+    id_token: str | None = field(default=None, repr=False)
+    scopes: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    idp_session_id: str | None = None  # the IdP's `sid`, for back-channel logout
+    created_at: float = 0.0
+    version: int = 0  # bumped by every successful compare-and-set write
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data.pop("version")  # the store keeps the version outside the ciphertext
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, version: int) -> Session:
+        data = json.loads(raw)
+        data["scopes"] = tuple(data.get("scopes", ()))
+        return cls(**data, version=version)
+
+    def with_tokens(
+        self,
+        *,
+        access_token: str,
+        access_expires_at: float,
+        refresh_token: str | None,
+        id_token: str | None,
+        scopes: tuple[str, ...] | None = None,
+    ) -> Session:
+        return replace(
+            self,
+            access_token=access_token,
+            access_expires_at=access_expires_at,
+            # RFC 6749 §6: a provider that does not rotate returns no refresh token: keep ours.
+            refresh_token=refresh_token or self.refresh_token,
+            id_token=id_token or self.id_token,
+            scopes=self.scopes if scopes is None else scopes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoginState:
+    """What the callback needs from the login that started it (PKCE, nonce, where to go)."""
+
+    binding: str  # hash of the browser's login-binding cookie
+    code_verifier: str = field(repr=False)
+    nonce: str
+    return_to: str
+    created_at: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LoginState:
+        return cls(**json.loads(raw))
+
+
+class SessionStore(Protocol):
+    """Every backend: Redis for production, memory for one replica and the demo.
+
+    Every method raises ``SessionStoreUnavailableError`` when the backend cannot answer;
+    nothing else escapes. Absent, expired or undecryptable data reads as ``None``.
+    """
+
+    async def create(self, handle: SessionHandle, session: Session) -> Session:
+        """Store a new session (version 1) with idle and absolute timeouts; index its sub/sid."""
+
+    async def load(self, handle: SessionHandle) -> Session | None:
+        """The session, or None; slides the idle timeout (never past the absolute one)."""
+
+    async def save(self, handle: SessionHandle, session: Session) -> Session | None:
+        """Compare-and-set: write ``session`` only if the stored version is still
+        ``session.version``; return the stored session with the new version, or None when
+        another writer got there first (or the session is gone)."""
+
+    async def delete(self, handle: SessionHandle) -> bool:
+        """End one session; True when it existed."""
+
+    async def delete_by_subject(self, subject: str) -> int:
+        """End every session of ``sub`` (back-channel logout); returns how many."""
+
+    async def delete_by_idp_session(self, idp_session_id: str) -> int:
+        """End every session of the IdP's ``sid`` (back-channel logout); returns how many."""
+
+    async def put_login_state(self, state: str, key: bytes, login: LoginState, ttl_s: int) -> None:
+        """Keep a pending login under ``state``, encrypted with ``key``."""
+
+    async def take_login_state(self, state: str, key: bytes) -> LoginState | None:
+        """Return and delete the pending login (one use: a replayed state finds nothing)."""
+
+    async def remember_once(self, namespace: str, value: str, ttl_s: int) -> bool:
+        """True the first time ``value`` is seen in ``namespace`` within ``ttl_s`` (jti replay)."""
+
+    async def acquire_lock(self, handle: SessionHandle, token: str, ttl_s: float) -> bool:
+        """SET NX PX the session's refresh lock with our random token."""
+
+    async def release_lock(self, handle: SessionHandle, token: str) -> bool:
+        """Compare-and-delete: release only if the lock still holds our token."""
+
+    async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
+        """Return once the lock is released (or has expired), or after ``timeout_s``."""
+
+    async def ping(self) -> bool:
+        """True when the backend answers (readiness)."""
+
+    async def aclose(self) -> None:
+        """Release the connection pool."""

@@ -1,0 +1,376 @@
+"""The session store in Redis (standalone, Sentinel or Cluster), and the client it runs on.
+
+Key layout, with ``p`` = ``session.key_prefix`` and ``<id>`` a session's storage id (64 hex):
+
+    p:{<id>}:s              HASH  v version, d sealed session JSON, c created_at (ms)
+                                  PTTL = min(idle, created_at + absolute - now), slid by load
+    p:{<id>}:lock           STRING the refresh lock's random token, PX = lock TTL
+    p:sub:<sha256(sub)>     SET   storage ids of the subject's sessions, PTTL >= absolute
+    p:sid:<sha256(sid)>     SET   storage ids of the IdP session's sessions, PTTL >= absolute
+    p:login:<sha256(state)> STRING a pending login, sealed with the login-binding key
+    p:once:<ns>:<sha256(v)> STRING "1", SET NX EX: a value seen once (jti replay)
+
+The ``{<id>}`` hash tag puts a session and its lock in one Cluster slot; every script
+touches one slot. Index entries of ended sessions are pruned when the subject logs in again
+and when the index is used. A dump shows hashes and ciphertext, never a token, a subject
+or a cookie. A typical session (1 KB access token, refresh and ID tokens, four claims) is
+one HASH of about 3.8 KB (``MEMORY USAGE``) plus two index SETs of about 230 bytes each.
+The cookie, the crypto and the refresh protocol live in their own modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from gateway.errors import SessionStoreUnavailableError
+from gateway.metrics import Metrics
+from gateway.sessions.crypto import digest, open_sealed, seal, slot_aad
+from gateway.sessions.model import LoginState, Session, SessionHandle
+from gateway.settings import SessionSettings
+
+log = logging.getLogger(__name__)
+
+RedisClient = Redis | RedisCluster
+_T = TypeVar("_T")
+
+_HEALTH_CHECK_INTERVAL_S = 30.0  # PING a pooled connection idle longer than this first
+_SENTINEL_PORT = 26379
+_POLL_FIRST_S = 0.005
+_POLL_MAX_S = 0.05
+
+# KEYS[1] session hash. ARGV[1] now ms, ARGV[2] idle ms, ARGV[3] absolute ms.
+# Returns {version, sealed data}, or nil when absent or past the absolute timeout (deleted).
+_LOAD_AND_TOUCH = """
+local f = redis.call('HMGET', KEYS[1], 'v', 'd', 'c')
+if not f[1] or not f[2] or not f[3] then return nil end
+local remaining = tonumber(f[3]) + tonumber(ARGV[3]) - tonumber(ARGV[1])
+if remaining <= 0 then
+  redis.call('DEL', KEYS[1])
+  return nil
+end
+redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[2]), remaining))
+return {f[1], f[2]}
+"""
+
+# KEYS[1] session hash. ARGV[1] sealed data, ARGV[2] created_at ms, ARGV[3] TTL ms.
+# Returns 1 (version 1 written).
+_CREATE = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', 1, 'd', ARGV[1], 'c', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] session hash. ARGV[1] expected version, ARGV[2] sealed data, ARGV[3] now ms,
+# ARGV[4] idle ms, ARGV[5] absolute ms.
+# Returns the new version; 0 when the stored version differs; nil when the session is gone
+# (never recreated: a logout racing a refresh stays a logout).
+_COMPARE_AND_SET = """
+local f = redis.call('HMGET', KEYS[1], 'v', 'c')
+if not f[1] or not f[2] then return nil end
+if f[1] ~= ARGV[1] then return 0 end
+local remaining = tonumber(f[2]) + tonumber(ARGV[5]) - tonumber(ARGV[3])
+if remaining <= 0 then
+  redis.call('DEL', KEYS[1])
+  return nil
+end
+local v = tonumber(f[1]) + 1
+redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[4]), remaining))
+return v
+"""
+
+# KEYS[1] session hash, KEYS[2] its lock (same slot). Returns 1 if the session existed, else 0.
+_DELETE = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return existed
+"""
+
+# KEYS[1] index set. ARGV[1] storage id, ARGV[2] TTL ms. Adds the id; the TTL only grows.
+# Returns 1.
+_INDEX = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS[1] lock. ARGV[1] our token. Returns 1 when released, 0 when the lock is not ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class _SentinelMaster(Redis):
+    """The master's client; closing it also closes the connections to the Sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+def build_redis(settings: SessionSettings) -> RedisClient:
+    """A client for ``redis_url``; connections open lazily, on the first command."""
+    url = settings.redis_url
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
+        # One quick retry covers a pooled connection the server closed (restart, failover);
+        # redis-py's default backs off for seconds, which a request cannot afford.
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries=1),
+    }
+    scheme = urlsplit(url).scheme
+    if scheme == "redis+cluster":
+        return RedisCluster.from_url("redis" + url.removeprefix("redis+cluster"), **options)
+    if scheme == "redis+sentinel":
+        return _build_sentinel_master(url, options)
+    return Redis.from_url(url, **options)
+
+
+def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
+    # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]; the
+    # credentials are the master's; the Sentinels get the same timeouts.
+    netloc, _, path = url.split("://", 1)[1].partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes: list[tuple[str, int]] = []
+    for item in filter(None, hosts.split(",")):
+        node = urlsplit("//" + item)
+        nodes.append((node.hostname or "", node.port or _SENTINEL_PORT))
+    parts = [unquote(part) for part in path.split("/") if part]
+    db = parts.pop() if len(parts) == 2 and parts[1].isdigit() else "0"
+    if not nodes or len(parts) != 1:
+        raise ValueError("expected redis+sentinel://host:port[,host:port]/service_name[/db]")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
+        nodes,
+        sentinel_kwargs=dict(options),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        db=int(db),
+        **options,
+    )
+    master = sentinel.master_for(parts[0], redis_class=_SentinelMaster)
+    return cast(Redis, master)
+
+
+def _awaitable(value: Awaitable[_T] | _T) -> Awaitable[_T]:
+    # redis-py types some commands `Awaitable[T] | T`, one annotation for its sync and
+    # asyncio clients; on an asyncio client the result is always awaitable.
+    return cast(Awaitable[_T], value)
+
+
+class RedisSessionStore:
+    """``SessionStore`` on Redis. It owns ``client`` and closes it in ``aclose()``."""
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        client: RedisClient,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._clock = clock
+        self._prefix = settings.key_prefix
+        self._idle_ms = settings.idle_timeout_s * 1000
+        self._absolute_ms = settings.absolute_timeout_s * 1000
+        # redis-py annotates register_script's `self` as Redis; RedisCluster has it too,
+        # and routes each call by the slot of its keys.
+        scripts = cast(Redis, client)
+        self._load_and_touch = scripts.register_script(_LOAD_AND_TOUCH)
+        self._create = scripts.register_script(_CREATE)
+        self._compare_and_set = scripts.register_script(_COMPARE_AND_SET)
+        self._delete = scripts.register_script(_DELETE)
+        self._index = scripts.register_script(_INDEX)
+        self._release = scripts.register_script(_RELEASE)
+
+    def _session_key(self, storage_id: str) -> str:
+        return f"{self._prefix}:{{{storage_id}}}:s"
+
+    def _lock_key(self, storage_id: str) -> str:
+        return f"{self._prefix}:{{{storage_id}}}:lock"
+
+    def _index_key(self, kind: str, value: str) -> str:
+        return f"{self._prefix}:{kind}:{digest(value)}"
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            # The text of a Redis error can carry a host or a key: it stays out of responses.
+            self._metrics.session_store_errors_total.inc()
+            log.warning("session_store_error", extra={"error_type": type(exc).__name__})
+            raise SessionStoreUnavailableError() from exc
+
+    async def create(self, handle: SessionHandle, session: Session) -> Session:
+        created_at = session.created_at or self._clock()
+        created_ms = int(created_at * 1000)
+        ttl_ms = min(self._idle_ms, created_ms + self._absolute_ms - self._now_ms())
+        if ttl_ms <= 0:
+            raise ValueError("the session is already past its absolute timeout")
+        stored = replace(session, created_at=created_at, version=1)
+        blob = seal(handle.key, stored.to_json(), slot_aad("session", handle.storage_id))
+        with self._translated():
+            await self._create(
+                keys=[self._session_key(handle.storage_id)], args=[blob, created_ms, ttl_ms]
+            )
+            index_ttl_ms = created_ms + self._absolute_ms - self._now_ms()
+            await self._add_to_index("sub", stored.subject, handle.storage_id, index_ttl_ms)
+            if stored.idp_session_id:
+                await self._add_to_index(
+                    "sid", stored.idp_session_id, handle.storage_id, index_ttl_ms
+                )
+        return stored
+
+    async def _add_to_index(self, kind: str, value: str, storage_id: str, ttl_ms: int) -> None:
+        index = self._index_key(kind, value)
+        for member in await self._members(index):
+            if not await self._client.exists(self._session_key(member)):
+                await _awaitable(self._client.srem(index, member))  # prune ended sessions
+        await self._index(keys=[index], args=[storage_id, max(ttl_ms, 1)])
+
+    async def _members(self, index: str) -> list[str]:
+        members = await _awaitable(self._client.smembers(index))
+        return sorted(member.decode() for member in members)
+
+    async def load(self, handle: SessionHandle) -> Session | None:
+        key = self._session_key(handle.storage_id)
+        with self._translated():
+            found = await self._load_and_touch(
+                keys=[key], args=[self._now_ms(), self._idle_ms, self._absolute_ms]
+            )
+        if found is None:
+            return None
+        version, blob = found
+        return _open_session(handle, bytes(blob), int(version))
+
+    async def save(self, handle: SessionHandle, session: Session) -> Session | None:
+        blob = seal(handle.key, session.to_json(), slot_aad("session", handle.storage_id))
+        with self._translated():
+            version = await self._compare_and_set(
+                keys=[self._session_key(handle.storage_id)],
+                args=[session.version, blob, self._now_ms(), self._idle_ms, self._absolute_ms],
+            )
+        if not version:
+            return None
+        return replace(session, version=int(version))
+
+    async def delete(self, handle: SessionHandle) -> bool:
+        with self._translated():
+            return bool(await self._delete_by_id(handle.storage_id))
+
+    async def _delete_by_id(self, storage_id: str) -> int:
+        keys = [self._session_key(storage_id), self._lock_key(storage_id)]
+        return int(await self._delete(keys=keys))
+
+    async def delete_by_subject(self, subject: str) -> int:
+        return await self._delete_indexed(self._index_key("sub", subject))
+
+    async def delete_by_idp_session(self, idp_session_id: str) -> int:
+        return await self._delete_indexed(self._index_key("sid", idp_session_id))
+
+    async def _delete_indexed(self, index: str) -> int:
+        # Per-session DELs, never one multi-key command: the sessions live in other slots.
+        ended = 0
+        with self._translated():
+            members = await self._members(index)
+            for storage_id in members:
+                ended += await self._delete_by_id(storage_id)
+            if members:
+                # SREM what we ended, not DEL: a login racing this logout keeps its entry.
+                await _awaitable(self._client.srem(index, *members))
+        return ended
+
+    async def put_login_state(self, state: str, key: bytes, login: LoginState, ttl_s: int) -> None:
+        state_id = digest(state)
+        blob = seal(key, login.to_json(), slot_aad("login", state_id))
+        with self._translated():
+            await self._client.set(f"{self._prefix}:login:{state_id}", blob, ex=ttl_s)
+
+    async def take_login_state(self, state: str, key: bytes) -> LoginState | None:
+        state_id = digest(state)
+        with self._translated():
+            # GETDEL: one round trip, so two callbacks with one state cannot both succeed.
+            blob = await self._client.getdel(f"{self._prefix}:login:{state_id}")
+        if blob is None:
+            return None
+        plaintext = open_sealed(key, bytes(blob), slot_aad("login", state_id))
+        return None if plaintext is None else LoginState.from_json(plaintext)
+
+    async def remember_once(self, namespace: str, value: str, ttl_s: int) -> bool:
+        key = f"{self._prefix}:once:{namespace}:{digest(value)}"
+        with self._translated():
+            return bool(await self._client.set(key, b"1", nx=True, ex=ttl_s))
+
+    async def acquire_lock(self, handle: SessionHandle, token: str, ttl_s: float) -> bool:
+        key = self._lock_key(handle.storage_id)
+        with self._translated():
+            return bool(await self._client.set(key, token, nx=True, px=max(int(ttl_s * 1000), 1)))
+
+    async def release_lock(self, handle: SessionHandle, token: str) -> bool:
+        with self._translated():
+            return bool(await self._release(keys=[self._lock_key(handle.storage_id)], args=[token]))
+
+    async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
+        # Polling, because a Redis key's deletion or expiry sends no message we could await
+        # without keyspace notifications; the caller's single flight keeps it to one poller.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        key = self._lock_key(handle.storage_id)
+        delay_s = _POLL_FIRST_S
+        while True:
+            with self._translated():
+                if not await self._client.exists(key):
+                    return
+            remaining_s = deadline - loop.time()
+            if remaining_s <= 0:
+                return
+            await asyncio.sleep(min(delay_s, remaining_s))
+            delay_s = min(delay_s * 2, _POLL_MAX_S)
+
+    async def ping(self) -> bool:
+        """True when Redis answers; False, never an exception, when it does not."""
+        try:
+            return bool(await _awaitable(self._client.ping()))
+        except (RedisError, OSError):
+            return False
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _open_session(handle: SessionHandle, blob: bytes, version: int) -> Session | None:
+    plaintext = open_sealed(handle.key, blob, slot_aad("session", handle.storage_id))
+    if plaintext is None:
+        return None  # a tampered blob, or a blob moved from another session
+    try:
+        return Session.from_json(plaintext, version)
+    except (ValueError, TypeError):
+        return None  # written by an incompatible release: the user logs in again

@@ -1,0 +1,160 @@
+"""Refresh under a lock: for one session, exactly one IdP refresh per expiry.
+
+In this process a single flight per session (concurrent callers await one task); across
+processes and replicas the store's per-session lock, after which the session is reloaded
+(another replica may already have refreshed). The flight is a task owned here, not by any
+request: requests await it through ``asyncio.shield``, so a client that hangs up cancels
+only its own wait, and the IdP call and the compare-and-set write of its result always
+finish. What the IdP is asked, and how, is the dialect's job (``idp``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from gateway.errors import RefreshUnavailableError, SessionExpiredError
+from gateway.idp.tokens import IdpUnavailable, RefreshDialect, RefreshRejected
+from gateway.metrics import Metrics
+from gateway.sessions.model import Session, SessionHandle, SessionStore
+from gateway.settings import RefreshSettings
+
+log = logging.getLogger(__name__)
+
+
+class Refresher:
+    def __init__(
+        self,
+        store: SessionStore,
+        dialect: RefreshDialect,
+        settings: RefreshSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._dialect = dialect
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._flights: dict[str, asyncio.Task[Session]] = {}
+
+    def needs_refresh(self, session: Session) -> bool:
+        return session.access_expires_at - self._settings.ahead_s <= self._clock()
+
+    async def ensure_fresh(
+        self, handle: SessionHandle, session: Session, *, force: bool = False
+    ) -> Session:
+        """The session with an access token good for ``ahead_s`` more; ``force`` refreshes
+        even so, unless the token was already replaced (an upstream rejected ``session``'s)."""
+        if not force and not self.needs_refresh(session):
+            return session
+        flight = self._flights.get(handle.storage_id)
+        if flight is None:
+            flight = asyncio.create_task(
+                self._refresh(handle, session, force), name="session-refresh"
+            )
+            self._flights[handle.storage_id] = flight
+            flight.add_done_callback(lambda task: self._land(handle.storage_id, task))
+        started = time.perf_counter()
+        try:
+            # shield: this caller may be cancelled (client gone); the flight must not be.
+            return await asyncio.shield(flight)
+        finally:
+            self._metrics.refresh_lock_wait_seconds.observe(time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        """Let flights in progress land (they carry rotated refresh tokens), then stop."""
+        flights = list(self._flights.values())
+        if flights:
+            await asyncio.wait(flights, timeout=self._settings.timeout_s + 1)
+        for flight in flights:
+            flight.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
+
+    def _land(self, storage_id: str, task: asyncio.Task[Session]) -> None:
+        if self._flights.get(storage_id) is task:
+            del self._flights[storage_id]
+        if not task.cancelled():
+            task.exception()  # read by the awaiting requests; never "never retrieved"
+
+    def _is_fresh(self, current: Session, seen: Session, force: bool) -> bool:
+        if current.access_token != seen.access_token:
+            return True  # someone refreshed since this request read the session
+        return not force and not self.needs_refresh(current)
+
+    async def _refresh(self, handle: SessionHandle, seen: Session, force: bool) -> Session:
+        store = self._store
+        deadline = time.monotonic() + self._settings.effective_lock_wait_s
+        while True:
+            token = secrets.token_urlsafe(18)  # a fresh lock token per acquisition
+            if await store.acquire_lock(handle, token, self._settings.lock_ttl_s):
+                try:
+                    current = await self._reload(handle)
+                    if self._is_fresh(current, seen, force):
+                        self._metrics.refresh_total.labels(result="already_fresh").inc()
+                        return current
+                    return await self._call_idp(handle, current)
+                finally:
+                    await store.release_lock(handle, token)
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                await store.wait_for_unlock(handle, remaining)
+            current = await self._reload(handle)
+            if self._is_fresh(current, seen, force):
+                return current
+            if time.monotonic() >= deadline:
+                self._metrics.refresh_total.labels(result="lock_timeout").inc()
+                return self._serve_stale(current)
+
+    async def _reload(self, handle: SessionHandle) -> Session:
+        current = await self._store.load(handle)
+        if current is None:
+            raise SessionExpiredError()
+        return current
+
+    async def _call_idp(self, handle: SessionHandle, current: Session) -> Session:
+        try:
+            async with asyncio.timeout(self._settings.timeout_s):
+                tokens = await self._dialect.refresh(current)
+        except RefreshRejected:
+            return await self._end_rejected(handle, current)
+        except (IdpUnavailable, TimeoutError):
+            self._metrics.refresh_total.labels(result="idp_unavailable").inc()
+            log.warning("refresh", extra={"result": "idp_unavailable"})
+            return self._serve_stale(current)
+        updated = current.with_tokens(
+            access_token=tokens.access_token,
+            access_expires_at=tokens.expires_at,
+            refresh_token=tokens.refresh_token,
+            id_token=tokens.id_token,
+            scopes=tokens.scopes,
+        )
+        saved = await self._store.save(handle, updated)
+        if saved is None:
+            # Compare-and-set lost: the session was ended (logout) or rewritten meanwhile.
+            self._metrics.refresh_total.labels(result="conflict").inc()
+            return await self._reload(handle)
+        self._metrics.refresh_total.labels(result="success").inc()
+        log.info("refresh", extra={"result": "success", "version": saved.version})
+        return saved
+
+    async def _end_rejected(self, handle: SessionHandle, current: Session) -> Session:
+        # Before ending the session, reload: if its refresh token changed meanwhile (a writer
+        # we did not see), the grant is alive under the new token.
+        latest = await self._store.load(handle)
+        if latest is not None and latest.refresh_token != current.refresh_token:
+            return latest
+        await self._store.delete(handle)
+        self._metrics.refresh_total.labels(result="invalid_grant").inc()
+        self._metrics.sessions_ended_total.labels(reason="refresh_rejected").inc()
+        log.info("refresh", extra={"result": "invalid_grant"})
+        raise SessionExpiredError()
+
+    def _serve_stale(self, current: Session) -> Session:
+        """The IdP cannot help now: keep serving while the access token is still valid."""
+        if current.access_expires_at > self._clock():
+            return current
+        raise RefreshUnavailableError(self._settings.retry_after_s)

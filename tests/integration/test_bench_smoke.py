@@ -1,0 +1,65 @@
+"""The benchmark harness (bench/run.py --smoke) starts every target and each answers 200s."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (shutil.which("nginx", path="/usr/sbin:/usr/bin") and shutil.which("wrk")),
+        reason="needs nginx and wrk from Debian (apt-get install nginx-light wrk)",
+    ),
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMOKE_TARGETS = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold")
+TIMEOUT_S = 90
+
+
+def run_smoke() -> tuple[int, str, str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--smoke"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the driver stops its servers on SIGTERM
+        try:
+            stdout, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"bench/run.py --smoke took over {TIMEOUT_S}s\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """Rows of the Markdown tables, by their target column."""
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 2 and cells[1] != "target":
+            rows[cells[1]] = cells
+    return rows
+
+
+def test_smoke_run_gets_200s_from_every_target() -> None:
+    code, stdout, stderr = run_smoke()
+
+    assert code == 0, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}"
+    rows = table_rows(stdout)
+    for target in SMOKE_TARGETS:
+        assert target in rows, f"no row for {target} in:\n{stdout}"
+        assert rows[target][-1] == "0", f"{target} had errors: {rows[target]}"
+        assert float(rows[target][2].replace(",", "")) > 0, f"{target}: no req/s"
