@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.sessions.model import SessionHandle
+from gateway.sessions.model import Session, SessionHandle
 
 # SECURITY: distinct HKDF `info` labels (RFC 5869 §3.2) make the storage id and the key
 # independent outputs of one secret: the id, which Redis keeps, says nothing of the key.
@@ -65,6 +65,22 @@ def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes | None:
         return AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)
     except InvalidTag:
         return None
+
+
+def seal_session(handle: SessionHandle, session: Session) -> bytes:
+    """The session's JSON (its version stays outside), sealed to its handle's slot."""
+    return seal(handle.key, session.to_json(), slot_aad("session", handle.storage_id))
+
+
+def open_session(handle: SessionHandle, blob: bytes, version: int) -> Session | None:
+    """The session a ``seal_session`` blob holds, or None if it does not open."""
+    plaintext = open_sealed(handle.key, blob, slot_aad("session", handle.storage_id))
+    if plaintext is None:
+        return None  # a tampered blob, or one moved from another session
+    try:
+        return Session.from_json(plaintext, version)
+    except (ValueError, TypeError):
+        return None  # written by an incompatible release: the user logs in again
 
 
 def digest(value: str) -> str:

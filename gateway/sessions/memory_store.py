@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from gateway.sessions.crypto import digest, open_sealed, seal, slot_aad
+from gateway.sessions.crypto import digest, open_sealed, open_session, seal, seal_session, slot_aad
 from gateway.sessions.model import LoginState, Session, SessionHandle
 from gateway.settings import SessionSettings
 
@@ -73,7 +73,7 @@ class MemorySessionStore:
         if stored is None:
             return False
         _discard(self._by_subject, stored.subject, storage_id)
-        if stored.idp_session_id is not None:
+        if stored.idp_session_id:
             _discard(self._by_idp_session, stored.idp_session_id, storage_id)
         return True
 
@@ -102,7 +102,7 @@ class MemorySessionStore:
         stored = replace(session, created_at=created_at, version=1)
         self._drop_session(handle.storage_id)
         self._sessions[handle.storage_id] = _StoredSession(
-            blob=seal(handle.key, stored.to_json(), slot_aad("session", handle.storage_id)),
+            blob=seal_session(handle, stored),
             version=1,
             created_at=created_at,
             expires_at=expires_at,
@@ -110,7 +110,7 @@ class MemorySessionStore:
             idp_session_id=stored.idp_session_id,
         )
         self._by_subject.setdefault(stored.subject, set()).add(handle.storage_id)
-        if stored.idp_session_id is not None:
+        if stored.idp_session_id:
             self._by_idp_session.setdefault(stored.idp_session_id, set()).add(handle.storage_id)
         self._wrote()
         return stored
@@ -120,19 +120,13 @@ class MemorySessionStore:
         if stored is None:
             return None
         stored.expires_at = self._expires_at(stored.created_at, self._clock())
-        plaintext = open_sealed(handle.key, stored.blob, slot_aad("session", handle.storage_id))
-        if plaintext is None:
-            return None
-        try:
-            return Session.from_json(plaintext, stored.version)
-        except (ValueError, TypeError):
-            return None
+        return open_session(handle, stored.blob, stored.version)
 
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         stored = self._live_session(handle.storage_id)
         if stored is None or stored.version != session.version:
             return None  # gone (never resurrected) or another writer came first
-        stored.blob = seal(handle.key, session.to_json(), slot_aad("session", handle.storage_id))
+        stored.blob = seal_session(handle, session)
         stored.version += 1
         stored.expires_at = self._expires_at(stored.created_at, self._clock())
         return replace(session, version=stored.version)

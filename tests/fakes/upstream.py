@@ -27,6 +27,8 @@ class FakeUpstream:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     status_for: dict[str, int] = field(default_factory=dict)
+    rejected_tokens: set[str] = field(default_factory=set)  # answered 401, as if revoked
+    reject_every_token: bool = False
 
     def web_app(self) -> web.Application:
         async def echo(request: web.Request) -> web.StreamResponse:
@@ -49,6 +51,9 @@ class FakeUpstream:
                 "body_bytes": received,
             }
             status = self.status_for.get(request.path, 200)
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if self.reject_every_token or token in self.rejected_tokens:
+                status = 401
             response = web.json_response(body, status=status)
             response.headers["Connection"] = "keep-alive, X-Upstream-Hop"
             response.headers["X-Upstream-Hop"] = "secret-hop"

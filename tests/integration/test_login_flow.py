@@ -8,13 +8,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis import asyncio as redis_asyncio
 
 from gateway.app import STORE
 from gateway.sessions.cookie import parse_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session
-from tests.integration.conftest import Bff
-from tests.support.idp import CLIENT_SECRET, complete_login
+from tests.integration.conftest import Bff, start_bff
+from tests.support.idp import CLIENT_SECRET, OidcProviderProcess, complete_login
+from tests.support.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -118,9 +120,12 @@ async def test_each_login_creates_a_new_session(bff: Bff) -> None:
     ],
 )
 async def test_bad_cookies_are_401_without_a_store_error(bff: Bff, value: str) -> None:
-    async with aiohttp.ClientSession() as client, client.get(
-        f"{bff.url}/api/me", headers={"Cookie": f"tokengate={value}", "X-CSRF": "1"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{bff.url}/api/me", headers={"Cookie": f"tokengate={value}", "X-CSRF": "1"}
+        ) as resp,
+    ):
         assert resp.status == 401
         body = await resp.json()
     assert body["error"] in ("session_expired", "unauthenticated")
@@ -134,9 +139,12 @@ async def test_tampered_cookie_of_a_live_session_is_401(bff: Bff) -> None:
     value = session_cookie(bff, browser)
     assert value is not None
     flipped = ("B" if value[0] != "B" else "C") + value[1:]
-    async with aiohttp.ClientSession() as client, client.get(
-        f"{bff.url}/api/me", headers={"Cookie": f"tokengate={flipped}", "X-CSRF": "1"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{bff.url}/api/me", headers={"Cookie": f"tokengate={flipped}", "X-CSRF": "1"}
+        ) as resp,
+    ):
         assert resp.status == 401
 
 
@@ -204,9 +212,12 @@ async def test_backchannel_logout_rejects_garbage_with_400(bff: Bff) -> None:
     ],
 )
 async def test_login_refuses_open_redirects(bff: Bff, return_to: str) -> None:
-    async with aiohttp.ClientSession() as client, client.get(
-        f"{bff.url}/auth/login", params={"return_to": return_to}, allow_redirects=False
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{bff.url}/auth/login", params={"return_to": return_to}, allow_redirects=False
+        ) as resp,
+    ):
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_request"
 
@@ -230,12 +241,74 @@ async def test_callback_state_mismatch_and_replay_are_400(bff: Bff) -> None:
 
 
 async def test_idp_error_in_callback_is_a_clear_json_error(bff: Bff) -> None:
-    async with aiohttp.ClientSession() as client, client.get(
-        f"{bff.url}/auth/callback",
-        params={"error": "access_denied", "error_description": "<script>x</script>"},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(
+            f"{bff.url}/auth/callback",
+            params={"error": "access_denied", "error_description": "<script>x</script>"},
+        ) as resp,
+    ):
         assert resp.status == 401
         body = await resp.json()
     assert body["error"] == "login_failed"
     assert "access_denied" in body["error_description"]
     assert "<script>" not in body["error_description"]
+
+
+async def test_redis_down_is_503_for_sessions_while_bearer_keeps_working(
+    idp: OidcProviderProcess,
+) -> None:
+    redis = RedisServerProcess().start()
+    bff, server, upstream_server = await start_bff(idp, redis.url)
+    try:
+        browser = bff.browser()
+        await bff.login(browser)
+        session = await stored_session(bff, browser)
+        assert session is not None
+        redis.kill()
+        status, body = await bff.api(browser, "/api/me")
+        assert status == 503
+        assert body["error"] == "session_store_unavailable"
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(
+                f"{bff.url}/api/me", headers={"Authorization": f"Bearer {session.access_token}"}
+            ) as resp,
+        ):
+            assert resp.status == 200
+        redis.restart()  # an empty Redis: the session is gone, cleanly
+        status, body = await bff.api(browser, "/api/me")
+        assert status == 401
+    finally:
+        for browser in bff.browsers:
+            await browser.close()
+        await server.close()
+        await upstream_server.close()
+        redis.stop()
+
+
+async def test_redis_dump_of_a_live_session_holds_no_token_and_no_cookie(
+    bff: Bff, redis_server: RedisServerProcess
+) -> None:
+    browser = bff.browser()
+    await bff.login(browser)
+    session = await stored_session(bff, browser)
+    assert session is not None
+    cookie = session_cookie(bff, browser)
+    assert cookie is not None
+    secret = parse_secret(cookie)
+    assert secret is not None
+    dump = b""
+    async with redis_asyncio.Redis.from_url(redis_server.url) as raw:
+        async for key in raw.scan_iter(count=1000):
+            dump += key + (await raw.dump(key) or b"")
+    secrets_found = {
+        "access_token": session.access_token.encode(),
+        "refresh_token": (session.refresh_token or "").encode(),
+        "id_token": (session.id_token or "").encode(),
+        "cookie": cookie.encode(),
+        "cookie_secret": secret,
+        "session_key": derive_handle(secret).key,
+        "subject": b"alice",
+    }
+    assert [name for name, value in secrets_found.items() if value and value in dump] == []

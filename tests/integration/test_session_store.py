@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import fakeredis
 import pytest
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.integration
 IDLE_S = 60
 ABSOLUTE_S = 150
 PREFIX = "tg"
+T = TypeVar("T")
 
 
 class SkewClock:
@@ -52,8 +54,8 @@ class Backend:
     clock: SkewClock
     metrics: Metrics = field(default_factory=Metrics)
     raw: Redis | None = None  # the same data, unencrypted access (Redis backends)
-    outage: Callable[[], None] | None = None
-    recovery: Callable[[], None] | None = None
+    outage: Callable[[], object] | None = None
+    recovery: Callable[[], object] | None = None
 
     async def elapse(self, seconds: float) -> None:
         """Let ``seconds`` pass for the clock and for every TTL the backend keeps."""
@@ -399,6 +401,11 @@ async def test_wait_for_unlock_gives_up_at_its_timeout(backend: Backend) -> None
 # -- what Redis holds ---------------------------------------------------------------------
 
 
+def typed(reply: Awaitable[T] | T) -> Awaitable[T]:
+    """redis-py types some replies "sync or async"; on an asyncio client they are awaitable."""
+    return cast(Awaitable[T], reply)
+
+
 async def raw_dump(raw: Redis) -> bytes:
     """Every key and value, as the bytes a leaked dump or a MONITOR would show."""
     chunks: list[bytes] = []
@@ -407,10 +414,10 @@ async def raw_dump(raw: Redis) -> bytes:
         chunks.append(await raw.dump(key) or b"")
         kind = (await raw.type(key)).decode()
         if kind == "hash":
-            for name, value in (await raw.hgetall(key)).items():
+            for name, value in (await typed(raw.hgetall(key))).items():
                 chunks += [name, value]
         elif kind == "set":
-            chunks += sorted(await raw.smembers(key))
+            chunks += sorted(await typed(raw.smembers(key)))
         elif kind == "string":
             chunks.append(await raw.get(key) or b"")
     return b"\n".join(chunks)
@@ -449,9 +456,11 @@ async def test_a_tampered_session_blob_reads_as_none(backend: Backend) -> None:
     raw = backend.require_raw()
     _, handle = new_handle()
     await backend.store.create(handle, make_session())
-    blob = bytearray(await raw.hget(session_key(handle), "d") or b"")
+    key = session_key(handle)
+    # Typed for decode_responses=True clients; this one returns bytes and takes them.
+    blob = bytearray(cast(bytes, await typed(raw.hget(key, "d"))))
     blob[-1] ^= 0x01
-    await raw.hset(session_key(handle), "d", bytes(blob))
+    await typed(raw.hset(key, "d", cast(str, bytes(blob))))
     assert await backend.store.load(handle) is None
 
 

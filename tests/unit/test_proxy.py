@@ -126,6 +126,8 @@ async def test_upstream_cannot_plant_our_session_cookie(
     aiohttp_client: Any, issuer: FakeIssuer, upstream: Upstream
 ) -> None:
     config = base_config(issuer.url, upstream[1])
+    config["oidc"]["client_id"] = "spa"
+    config["session"] = {"store": "memory"}
     config["routes"].append({"prefix": "/setcookie", "upstream": upstream[1], "auth": "session"})
     client = await aiohttp_client(build_app(parse_settings(config)))
     resp = await client.get("/public/x", headers={"Cookie": "__Host-tokengate=abc; theme=dark"})

@@ -6,7 +6,16 @@ import secrets
 
 import pytest
 
-from gateway.sessions.crypto import derive_handle, digest, open_sealed, seal, slot_aad
+from gateway.sessions.crypto import (
+    derive_handle,
+    digest,
+    open_sealed,
+    open_session,
+    seal,
+    seal_session,
+    slot_aad,
+)
+from gateway.sessions.model import Session
 
 
 def test_a_secret_always_derives_the_same_handle() -> None:
@@ -82,3 +91,18 @@ def test_digest_is_sha256_hex_and_hides_the_value() -> None:
     assert len(digest(value)) == 64
     assert value not in digest(value)
     assert digest(value) != digest(value + " ")
+
+
+def test_session_sealed_to_one_handle_opens_only_with_it() -> None:
+    handle, other = derive_handle(secrets.token_bytes(32)), derive_handle(secrets.token_bytes(32))
+    session = Session(subject="alice", access_token="at", access_expires_at=1.0, version=4)
+    blob = seal_session(handle, session)
+    assert open_session(handle, blob, 4) == session
+    assert open_session(other, blob, 4) is None
+
+
+def test_a_blob_from_an_incompatible_release_opens_to_none() -> None:
+    handle = derive_handle(secrets.token_bytes(32))
+    for plaintext in (b"not json", b'{"subject":"alice","unknown_field":1}'):
+        blob = seal(handle.key, plaintext, slot_aad("session", handle.storage_id))
+        assert open_session(handle, blob, 1) is None
