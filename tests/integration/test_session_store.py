@@ -27,7 +27,7 @@ from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import LoginState, Session, SessionHandle, SessionStore
 from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
-from tests.support.redis_server import RedisServerProcess, redis_server_available
+from tests.support.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -72,8 +72,7 @@ class Backend:
                 await self.raw.pexpire(key, ttl_ms - int(seconds * 1000))
 
     def require_raw(self) -> Redis:
-        if self.raw is None:
-            pytest.skip(f"{self.name} keeps no bytes outside this process")
+        assert self.raw is not None, f"{self.name} keeps no bytes outside this process"
         return self.raw
 
     def errors(self) -> float:
@@ -83,8 +82,6 @@ class Backend:
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServerProcess]:
-    if not redis_server_available():
-        pytest.skip("redis-server is not installed")
     with RedisServerProcess() as server:
         yield server
 
@@ -100,6 +97,18 @@ def session_settings(redis_url: str = "redis://127.0.0.1:6379/0") -> SessionSett
 
 @pytest.fixture(params=["memory", "fakeredis", "redis"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    async for built in build_backend(request):
+        yield built
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """The backends that keep bytes outside this process and can be cut off."""
+    async for built in build_backend(request):
+        yield built
+
+
+async def build_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     clock = SkewClock()
     if request.param == "memory":
         memory = Backend("memory", MemorySessionStore(session_settings(), clock=clock), clock)
@@ -423,14 +432,14 @@ async def raw_dump(raw: Redis) -> bytes:
     return b"\n".join(chunks)
 
 
-async def test_a_redis_dump_reveals_no_token_identifier_or_cookie(backend: Backend) -> None:
-    raw = backend.require_raw()
+async def test_a_redis_dump_reveals_no_token_identifier_or_cookie(redis_backend: Backend) -> None:
+    raw = redis_backend.require_raw()
     secret, handle = new_handle()
     session = make_session("alice@example.test", sid="idp-sid-secret")
-    await backend.store.create(handle, session)
+    await redis_backend.store.create(handle, session)
     login_key, login = secrets.token_bytes(32), login_state()
-    await backend.store.put_login_state("state-secret", login_key, login, 600)
-    await backend.store.remember_once("jti", "jti-secret", 600)
+    await redis_backend.store.put_login_state("state-secret", login_key, login, 600)
+    await redis_backend.store.remember_once("jti", "jti-secret", 600)
     dump = await raw_dump(raw)
     assert handle.storage_id.encode() in dump  # the dump is real: it shows the hashed id
     needles = {
@@ -452,50 +461,50 @@ async def test_a_redis_dump_reveals_no_token_identifier_or_cookie(backend: Backe
     assert [name for name, needle in needles.items() if needle in dump] == []
 
 
-async def test_a_tampered_session_blob_reads_as_none(backend: Backend) -> None:
-    raw = backend.require_raw()
+async def test_a_tampered_session_blob_reads_as_none(redis_backend: Backend) -> None:
+    raw = redis_backend.require_raw()
     _, handle = new_handle()
-    await backend.store.create(handle, make_session())
+    await redis_backend.store.create(handle, make_session())
     key = session_key(handle)
     # Typed for decode_responses=True clients; this one returns bytes and takes them.
     blob = bytearray(cast(bytes, await typed(raw.hget(key, "d"))))
     blob[-1] ^= 0x01
     await typed(raw.hset(key, "d", cast(str, bytes(blob))))
-    assert await backend.store.load(handle) is None
+    assert await redis_backend.store.load(handle) is None
 
 
-async def test_a_login_blob_moved_to_another_state_reads_as_none(backend: Backend) -> None:
-    raw = backend.require_raw()
+async def test_a_login_blob_moved_to_another_state_reads_as_none(redis_backend: Backend) -> None:
+    raw = redis_backend.require_raw()
     key = secrets.token_bytes(32)  # one browser, two logins: the same binding key
-    await backend.store.put_login_state("state-1", key, login_state(), 600)
-    await backend.store.put_login_state("state-2", key, login_state(), 600)
+    await redis_backend.store.put_login_state("state-1", key, login_state(), 600)
+    await redis_backend.store.put_login_state("state-2", key, login_state(), 600)
     keys = sorted([k async for k in raw.scan_iter(f"{PREFIX}:login:*")])
     first, second = await raw.get(keys[0]), await raw.get(keys[1])
     await raw.set(keys[0], second or b"")
     await raw.set(keys[1], first or b"")
-    assert await backend.store.take_login_state("state-1", key) is None
-    assert await backend.store.take_login_state("state-2", key) is None
+    assert await redis_backend.store.take_login_state("state-1", key) is None
+    assert await redis_backend.store.take_login_state("state-2", key) is None
 
 
-async def test_redis_down_is_session_store_unavailable_and_counted(backend: Backend) -> None:
-    if backend.outage is None or backend.recovery is None:
-        pytest.skip(f"{backend.name} cannot be unreachable")
+async def test_redis_down_is_session_store_unavailable_and_counted(redis_backend: Backend) -> None:
+    assert redis_backend.outage is not None
+    assert redis_backend.recovery is not None
     _, handle = new_handle()
-    await backend.store.create(handle, make_session())
-    backend.outage()
+    await redis_backend.store.create(handle, make_session())
+    redis_backend.outage()
     calls: list[Callable[[], Awaitable[object]]] = [
-        lambda: backend.store.load(handle),
-        lambda: backend.store.create(new_handle()[1], make_session()),
-        lambda: backend.store.acquire_lock(handle, "token-1", 30),
-        lambda: backend.store.delete_by_subject("alice@example.test"),
+        lambda: redis_backend.store.load(handle),
+        lambda: redis_backend.store.create(new_handle()[1], make_session()),
+        lambda: redis_backend.store.acquire_lock(handle, "token-1", 30),
+        lambda: redis_backend.store.delete_by_subject("alice@example.test"),
     ]
     for call in calls:
         with pytest.raises(SessionStoreUnavailableError):
             await call()
-    assert backend.errors() == len(calls)
-    assert await backend.store.ping() is False
-    backend.recovery()
-    assert await backend.store.ping() is True  # the same client reconnects
+    assert redis_backend.errors() == len(calls)
+    assert await redis_backend.store.ping() is False
+    redis_backend.recovery()
+    assert await redis_backend.store.ping() is True  # the same client reconnects
 
 
 async def test_ping_answers_true_when_the_backend_is_up(backend: Backend) -> None:
