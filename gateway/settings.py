@@ -193,15 +193,67 @@ class OidcSettings(Section):
         return None
 
 
+class JsonResponsePaths(Section):
+    """Dotted paths into a custom token API's JSON reply (``data.accessToken``)."""
+
+    access_token: str = "access_token"
+    refresh_token: str | None = "refresh_token"
+    expires_in: str | None = "expires_in"
+    token_type: str | None = None
+    success: str | None = None  # e.g. isSuccess; absent = HTTP 2xx means success
+    success_value: Any = True
+
+
+class JsonCallSettings(Section):
+    """One call to a custom JSON token API (refresh, or logout/revoke)."""
+
+    url: str
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)  # static, e.g. {"Version": "2.0"}
+    send_access_token: bool = False  # the current access token as Authorization: Bearer
+    # Placeholders: {refresh_token} {access_token} {client_id} {scope}
+    body: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return parse_http_url(value, allow_http=False)
+
+
+class JsonDialectSettings(JsonCallSettings):
+    response: JsonResponsePaths = JsonResponsePaths()
+    # Which replies mean "the refresh token is dead" (end the session); anything else that
+    # is not a success is transient (keep serving while the access token lasts).
+    dead_token_statuses: tuple[int, ...] = (400, 401, 403)
+    dead_token_path: str | None = None  # e.g. errorCode
+    dead_token_values: tuple[Any, ...] = ()  # values at dead_token_path that mean dead
+    logout: JsonCallSettings | None = None  # called on logout, e.g. /User/Logout
+
+
+class CaptureSettings(Section):
+    """Token capture: a login that is an API call; its reply's tokens become a session."""
+
+    response: JsonResponsePaths = JsonResponsePaths()
+    subject_path: str | None = None  # default: the access token's `sub`, else "unknown"
+    claims_paths: dict[str, str] = Field(default_factory=dict)  # claim name -> reply path
+
+
 class RefreshSettings(Section):
     ahead_s: float = Field(60.0, ge=0)
     dialect: Literal["oauth2", "json"] = "oauth2"
+    json_api: JsonDialectSettings | None = Field(None, alias="json")
     timeout_s: float = Field(10.0, gt=0, le=120)  # one IdP refresh call, enforced
     lock_wait_s: float | None = Field(None, gt=0)  # default: the lock's TTL, plus 1 s
     retry_after_s: int = Field(5, ge=1)
     default_lifetime_s: float = Field(300.0, gt=0)  # opaque token and no expires_in
     token_endpoint: str | None = None  # default: from discovery
     scope: tuple[str, ...] = ()  # ask for a narrower scope on refresh (RFC 6749 §6)
+
+    @model_validator(mode="after")
+    def _check_dialect(self) -> RefreshSettings:
+        if self.dialect == "json" and self.json_api is None:
+            raise ValueError("refresh.dialect json needs the refresh.json section")
+        return self
 
     @property
     def lock_ttl_s(self) -> float:
@@ -262,6 +314,7 @@ class RouteSettings(Section):
     websocket: bool = False
     identity_headers: dict[str, str] = Field(default_factory=dict)  # header -> claim
     max_body_bytes: int | None = Field(None, ge=0)
+    capture_tokens: CaptureSettings | None = None  # a login API whose reply starts a session
 
     @field_validator("prefix")
     @classmethod
@@ -361,15 +414,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 "session.cookie_secure: false is allowed only for an http loopback public_url"
             )
-        if self.uses_sessions and not (self.oidc.issuer and self.oidc.client_id):
-            raise ValueError("oidc.issuer and oidc.client_id are needed by session routes")
+        captures = any(r.capture_tokens is not None for r in self.routes)
+        if self.uses_sessions and not (self.uses_oidc_login or captures):
+            raise ValueError(
+                "session routes need oidc.issuer and oidc.client_id, or a capture_tokens route"
+            )
         if self.workers > 1 and self.session.store == "memory" and self.uses_sessions:
             raise ValueError("session.store: memory cannot be shared by workers > 1")
         return self
 
     @property
     def uses_sessions(self) -> bool:
-        return any(r.auth in ("session", "session_or_bearer") for r in self.routes)
+        return any(
+            r.auth in ("session", "session_or_bearer") or r.capture_tokens is not None
+            for r in self.routes
+        )
+
+    @property
+    def uses_oidc_login(self) -> bool:
+        """Browser login by OIDC redirect (else sessions only come from token capture)."""
+        return bool(self.oidc.issuer and self.oidc.client_id)
 
     @property
     def redirect_uri(self) -> str:
@@ -412,6 +476,6 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def dump_settings(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data, every secret masked."""
-    data = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+    data = settings.model_dump(mode="json", by_alias=True)  # SecretStr dumps as '**********'
     data["session"]["redis_url"] = mask_url_password(settings.session.redis_url)
     return data
