@@ -196,8 +196,8 @@ class OidcSettings(Section):
 class JsonResponsePaths(Section):
     """Dotted paths into a custom token API's JSON reply (``data.accessToken``)."""
 
-    access_token: str = "access_token"
-    refresh_token: str | None = "refresh_token"
+    access_token: str = "access_token"  # noqa: S105 - a JSON path, not a secret
+    refresh_token: str | None = "refresh_token"  # noqa: S105 - a JSON path
     expires_in: str | None = "expires_in"
     token_type: str | None = None
     success: str | None = None  # e.g. isSuccess; absent = HTTP 2xx means success
