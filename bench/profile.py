@@ -62,9 +62,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--keep", type=Path, help="also save py-spy's raw output here")
     args = parser.parse_args()
-    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
-        "py-spy"
-    )
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
@@ -84,13 +82,26 @@ def main() -> int:
             if script_args:
                 wrk_argv += ["--", *script_args]
             raw = Path(tmp) / "profile.txt"
-            spy_argv = [py_spy, "record", "--format", "raw", "--output", str(raw),
-                        "--duration", str(args.seconds), "--rate", "200", "--pid",
-                        str(run.proc.pid), *(["--native"] if args.native else [])]
+            spy_argv = [
+                py_spy,
+                "record",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--duration",
+                str(args.seconds),
+                "--rate",
+                "200",
+                "--pid",
+                str(run.proc.pid),
+                *(["--native"] if args.native else []),
+            ]
             with subprocess.Popen(wrk_argv, stdout=subprocess.PIPE, text=True) as wrk:
                 try:
-                    subprocess.run(spy_argv, check=True, capture_output=True,
-                                   timeout=args.seconds + 30)
+                    subprocess.run(
+                        spy_argv, check=True, capture_output=True, timeout=args.seconds + 30
+                    )
                 finally:
                     wrk_out, _ = wrk.communicate(timeout=args.seconds + 30)
             text = raw.read_text()

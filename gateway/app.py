@@ -19,6 +19,7 @@ from gateway.admin import Readiness
 from gateway.auth import Authenticator
 from gateway.bff.login import LoginEndpoints
 from gateway.bff.logout import LogoutEndpoints
+from gateway.errors import MethodNotAllowedError, NotFoundError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.ingress import Ingress, aiohttp_parser_limits, set_request_id_header
@@ -121,6 +122,8 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         log.warning("memory_session_store", extra={"note": "one replica only; lost on restart"})
     else:
         store = RedisSessionStore(settings.session, build_redis(settings.session), app[METRICS])
+    if not settings.session.cookie_secure:
+        log.warning("insecure_cookie", extra={"note": "Secure is off: http://localhost only"})
     app[STORE] = store
     app[READINESS].add_check("session_store", store.ping)
     yield
@@ -160,7 +163,11 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM_HTTP],
         app[METRICS],
         max_body_bytes=settings.limits.max_body_bytes,
-        session_cookie=settings.session.cookie_name if settings.uses_sessions else None,
+        own_cookies=frozenset(
+            (settings.session.cookie_name, settings.session.login_cookie_name)
+            if settings.uses_sessions
+            else ()
+        ),
     )
     auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS))
     app[PROXY] = Proxy(RouteTable.build(settings.routes), auth, upstream)
@@ -194,6 +201,18 @@ def add_auth_routes(app: web.Application) -> None:
     app.router.add_post("/auth/backchannel-logout", backchannel_logout)
 
 
+_AUTH_PATHS = frozenset(
+    {"/auth/login", "/auth/callback", "/auth/session", "/auth/logout", "/auth/backchannel-logout"}
+)
+
+
+async def reserved_auth_path(request: web.Request) -> web.StreamResponse:
+    """/auth/ is ours: a wrong method or an unknown path never falls through to a route."""
+    if request.path in _AUTH_PATHS and request.app[SETTINGS].uses_sessions:
+        raise MethodNotAllowedError()
+    raise NotFoundError()
+
+
 def build_app(
     settings: Settings,
     *,
@@ -216,5 +235,6 @@ def build_app(
     app.on_response_prepare.append(set_request_id_header)
     if settings.uses_sessions:
         add_auth_routes(app)
+    app.router.add_route("*", "/auth/{tail:.*}", reserved_auth_path)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -55,16 +55,12 @@ def run(settings: Settings, config_path: str | None) -> int:
 
 
 def _serve(settings: Settings) -> None:
+    # Imported here, not at the top: with workers > 1 prometheus-client must first see
+    # PROMETHEUS_MULTIPROC_DIR, which the supervisor sets before spawning this process.
     from gateway.logs import configure_logging
     from gateway.server import serve
 
     configure_logging(settings.log)
-    if settings.session.store == "memory" and settings.uses_sessions:
-        import logging
-
-        logging.getLogger("tokengate").warning(
-            "memory_session_store", extra={"note": "single replica only; sessions die on restart"}
-        )
     try:
         import uvloop
     except ImportError:

@@ -17,6 +17,7 @@ _current: ContextVar[RequestContext | None] = ContextVar("tokengate_request", de
 class RequestContext:
     request_id: str
     route: str = "-"
+    path: str | None = None  # normalised, once routing has run
     auth_mode: str = "-"
     subject_hash: str | None = None
     subject: str | None = None

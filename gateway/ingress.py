@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("tokengate.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAPPED_HTTP: dict[int, type[GatewayError]] = {
     404: NotFoundError,
@@ -117,12 +118,13 @@ class Ingress:
         ctx: RequestContext,
         elapsed_s: float,
     ) -> None:
-        metrics = self._metrics
-        metrics.http_requests_total.labels(ctx.route, request.method, str(response.status)).inc()
-        metrics.http_request_duration_seconds.labels(ctx.route).observe(elapsed_s)
+        method = request.method if request.method in _METHODS else "other"  # bounded label
+        self._metrics.observe_request(ctx.route, method, response.status, elapsed_s)
         if not self._log.access_log:
             return
-        path = request.path if not self._log.log_query_string else request.path_qs
+        path = ctx.path or request.raw_path.partition("?")[0]
+        if self._log.log_query_string and request.query_string:
+            path = f"{path}?{request.query_string}"
         fields: dict[str, object] = {
             "method": request.method,
             "path": path,

@@ -100,9 +100,23 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         if not multiprocess_mode:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+
+    def observe_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
+        """Count one answered request; labelled children are cached (labels() is slow)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests_total.labels(route, method, str(status)),
+                self.http_request_duration_seconds.labels(route),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed_s)
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's in multiprocess."""

@@ -29,6 +29,7 @@ class Proxy:
         ctx = current()
         if ctx is not None:
             ctx.route = route.name
+            ctx.path = path
             ctx.auth_mode = route.auth
         principal = await self._auth.authenticate(request, route)
         upstream_path = encode_path(route.upstream_path(path))

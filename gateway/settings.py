@@ -25,7 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 AuthMode = Literal["none", "bearer", "session", "session_or_bearer"]
 ClientAuth = Literal["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
@@ -143,7 +148,7 @@ class OidcSettings(Section):
     extra_auth_params: dict[str, str] = Field(default_factory=dict)
     claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
 
-    @field_validator("issuer", "discovery_url", "jwks_uri")
+    @field_validator("issuer", "discovery_url", "jwks_uri", "post_logout_redirect_uri")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return None if value is None else parse_http_url(value, allow_http=False)
@@ -249,6 +254,11 @@ class RefreshSettings(Section):
     token_endpoint: str | None = None  # default: from discovery
     scope: tuple[str, ...] = ()  # ask for a narrower scope on refresh (RFC 6749 §6)
 
+    @field_validator("token_endpoint")
+    @classmethod
+    def _check_token_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
+
     @model_validator(mode="after")
     def _check_dialect(self) -> RefreshSettings:
         if self.dialect == "json" and self.json_api is None:
@@ -286,6 +296,11 @@ class SessionSettings(Section):
         if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
             raise ValueError("must be a redis://, rediss://, unix://, or +sentinel/+cluster URL")
         return value
+
+    @property
+    def login_cookie_name(self) -> str:
+        """The short-lived cookie binding a pending login to the browser that started it."""
+        return self.cookie_name + "-login"
 
     @model_validator(mode="after")
     def _check_cookie(self) -> SessionSettings:
@@ -414,6 +429,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "session.cookie_secure: false is allowed only for an http loopback public_url"
             )
+        if self.listen.port == self.admin.port and self.listen.port != 0:
+            raise ValueError("admin.port: must differ from listen.port")
+        validates_bearer = any(r.auth in ("bearer", "session_or_bearer") for r in self.routes)
+        if validates_bearer and not self.oidc.audience:
+            # SECURITY: without an audience, any token of the issuer (for any API) would do.
+            raise ValueError("oidc.audience: required when a route accepts Bearer tokens")
         captures = any(r.capture_tokens is not None for r in self.routes)
         if self.uses_sessions and not (self.uses_oidc_login or captures):
             raise ValueError(
@@ -446,6 +467,9 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:
+        # An environment value that is not JSON where a list or mapping is expected.
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def load_settings(path: str | os.PathLike[str] | None) -> Settings:

@@ -79,12 +79,13 @@ class Upstream:
         metrics: Metrics,
         *,
         max_body_bytes: int,
-        session_cookie: str | None,
+        own_cookies: frozenset[str] = frozenset(),
     ) -> None:
         self._http = http
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
-        self._session_cookie = session_cookie
+        self._own_cookies = own_cookies
+        self._own_prefixes = tuple(f"{name}=" for name in own_cookies)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -142,15 +143,15 @@ class Upstream:
         values = incoming.getall("Cookie", ())
         if not values:
             return None
-        if self._session_cookie is None:
+        if not self._own_cookies:
             return "; ".join(values)
-        # SECURITY: our session cookie is a credential for us, never for the upstream.
-        marker = self._session_cookie + "="
+        # SECURITY: our cookies (session, login binding) are credentials for us, never for
+        # the upstream.
         kept = [
             part.strip()
             for value in values
             for part in value.split(";")
-            if part.strip() and not part.strip().startswith(marker)
+            if part.strip() and not part.strip().startswith(self._own_prefixes)
         ]
         return "; ".join(kept) or None
 
@@ -207,7 +208,7 @@ class Upstream:
         headers = CIMultiDict(
             (k, v)
             for k, v in upstream.headers.items()
-            if k.lower() not in drop and not self._sets_session_cookie(k, v)
+            if k.lower() not in drop and not self._sets_own_cookie(k, v)
         )
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
@@ -243,12 +244,12 @@ class Upstream:
             upstream.release()
         return response
 
-    def _sets_session_cookie(self, name: str, value: str) -> bool:
-        # SECURITY: an upstream must not plant or overwrite our session cookie.
+    def _sets_own_cookie(self, name: str, value: str) -> bool:
+        # SECURITY: an upstream must not plant or overwrite our cookies (session fixation).
         return (
-            self._session_cookie is not None
+            bool(self._own_cookies)
             and name.lower() == "set-cookie"
-            and value.lstrip().startswith(self._session_cookie + "=")
+            and value.lstrip().startswith(self._own_prefixes)
         )
 
 

@@ -5,6 +5,7 @@ tells the SPA whether it is logged in — never with a token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.bff.login import no_store
-from gateway.errors import BadRequestError, CsrfError, GatewayError
+from gateway.errors import BadRequestError, CsrfError, GatewayError, IdpError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.metrics import Metrics
@@ -90,12 +91,14 @@ class LogoutEndpoints:
         loaded = await self._sessions.load(request)
         if loaded is not None:
             handle, session = loaded
-            if session.refresh_token:
-                # RP-initiated logout does not end offline grants at every IdP: revoke ours.
-                await self._oauth.revoke(session.refresh_token, "refresh_token")
+            # The session ends here whatever the IdP says; the IdP calls are best effort.
             await self._store.delete(handle)
             self._metrics.sessions_ended_total.labels(reason="logout").inc()
             log.info("logout", extra={"result": "success"})
+            if session.refresh_token:
+                # RP-initiated logout does not end offline grants at every IdP: revoke ours.
+                with contextlib.suppress(IdpError):
+                    await self._oauth.revoke(session.refresh_token, "refresh_token")
             logout_url = await self._end_session_url(session.id_token)
         if form_post:
             response: web.StreamResponse = web.Response(
@@ -107,7 +110,10 @@ class LogoutEndpoints:
         return no_store(response)
 
     async def _end_session_url(self, id_token: str | None) -> str:
-        metadata = await self._discovery.load()
+        try:
+            metadata = await self._discovery.load()
+        except IdpError:
+            return self._after_logout
         if metadata.end_session_endpoint is None:
             return self._after_logout
         params = {

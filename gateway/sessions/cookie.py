@@ -23,7 +23,6 @@ from gateway.settings import SessionSettings
 log = logging.getLogger(__name__)
 
 _VALUE = re.compile(r"[A-Za-z0-9_-]{43}")
-_LOGIN_SUFFIX = "-login"
 
 
 def new_secret() -> bytes:
@@ -50,7 +49,7 @@ class SessionCookies:
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
         self.name = settings.cookie_name
-        self.login_name = settings.cookie_name + _LOGIN_SUFFIX
+        self.login_name = settings.login_cookie_name
 
     def session_handle(self, request: web.Request) -> SessionHandle | None:
         secret = parse_secret(request.cookies.get(self.name))

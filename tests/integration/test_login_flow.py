@@ -312,3 +312,24 @@ async def test_redis_dump_of_a_live_session_holds_no_token_and_no_cookie(
         "subject": b"alice",
     }
     assert [name for name, value in secrets_found.items() if value and value in dump] == []
+
+
+async def test_auth_paths_are_reserved(bff: Bff) -> None:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{bff.url}/auth/logout") as resp:
+            assert resp.status == 405
+            assert (await resp.json())["error"] == "method_not_allowed"
+        async with client.get(f"{bff.url}/auth/anything") as resp:
+            assert resp.status == 404
+    assert bff.upstream.seen == []
+
+
+async def test_login_binding_cookie_never_reaches_the_upstream(bff: Bff) -> None:
+    browser = bff.browser()
+    async with browser.get(f"{bff.url}/auth/login?return_to=/", allow_redirects=False):
+        pass
+    assert any(c.key == "tokengate-login" for c in browser.cookie_jar)
+    async with browser.get(f"{bff.url}/page", headers={"Cookie": "theme=dark"}) as resp:
+        assert resp.status == 200
+    forwarded = bff.upstream.seen[-1].headers.get("Cookie", "")
+    assert "tokengate-login" not in forwarded

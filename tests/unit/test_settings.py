@@ -64,6 +64,13 @@ def test_redis_password_is_masked_in_the_dump() -> None:
         ({"routes": [{**ROUTE, "auth": "bearer"}]}, "routes.0.auth"),
         ({"oidc": {"client_auth": "client_secret_post"}}, "oidc"),
         ({"listen": {"port": 70000}}, "listen.port"),
+        ({"listen": {"port": 9000}, "admin": {"port": 9000}}, "admin.port"),
+        (
+            {"oidc": {"issuer": "https://idp.example"}, "routes": [{**ROUTE, "auth": "bearer"}]},
+            "oidc.audience",
+        ),
+        ({"refresh": {"token_endpoint": "http://evil.example/token"}}, "refresh.token_endpoint"),
+        ({"oidc": {"post_logout_redirect_uri": "javascript:x"}}, "oidc.post_logout_redirect_uri"),
     ],
 )
 def test_bad_configuration_names_the_key(config: dict[str, object], key: str) -> None:
@@ -106,3 +113,11 @@ def test_unreadable_and_non_mapping_files_are_config_errors(tmp_path: Path) -> N
         load_settings(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(write(tmp_path, "- a\n- b\n"))
+
+
+def test_non_json_list_in_the_environment_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TOKENGATE_OIDC__AUDIENCE", "https://api.example")
+    with pytest.raises(ConfigError, match="oidc"):
+        parse_settings({})

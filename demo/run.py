@@ -1,0 +1,131 @@
+"""Run the tokengate demo on localhost: an OpenID Provider, Redis, a sample API, a small SPA
+and tokengate in front of them. Open the printed URL, log in with any username and
+password, and watch API calls keep succeeding while the 30 s access tokens expire and
+tokengate refreshes them. Ctrl-C (or SIGTERM) stops everything.
+
+Every port has a fixed default and an environment variable (a flag wins over both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # `python demo/run.py` puts demo/ there, not the root
+
+from demo.stack import PORT_ENV, DemoError, DemoPorts, DemoStack  # noqa: E402
+
+DEFAULT_LOG_DIR = REPO_ROOT / ".demo"  # git-ignored
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="demo/run.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    try:
+        ports = DemoPorts.from_env()
+    except DemoError as exc:
+        parser.error(str(exc))
+    for name, port in ports.items():
+        parser.add_argument(
+            f"--{name}-port",
+            type=int,
+            default=port,
+            metavar="PORT",
+            help=f"{name} port (env {PORT_ENV[name]}, default {getattr(DemoPorts(), name)})",
+        )
+    parser.add_argument(
+        "--access-token-ttl",
+        type=int,
+        default=int(os.environ.get("DEMO_ACCESS_TOKEN_TTL", "30")),
+        metavar="S",
+        help="access-token lifetime at the IdP (env DEMO_ACCESS_TOKEN_TTL, default 30)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("auto", "redis", "memory"),
+        default=os.environ.get("DEMO_STORE", "auto"),
+        help="session store; auto = Redis when redis-server is installed (env DEMO_STORE)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path(os.environ.get("DEMO_LOG_DIR", DEFAULT_LOG_DIR)),
+        help="where every process logs (env DEMO_LOG_DIR, default .demo/)",
+    )
+    return parser.parse_args(argv)
+
+
+def banner(stack: DemoStack) -> str:
+    store = (
+        f"Redis at {stack.redis_url}"
+        if stack.redis_url
+        else "in memory (redis-server not found; sessions end with the demo)"
+    )
+    return f"""
+  tokengate demo is running.
+
+  Open            {stack.url}/
+  Log in with     any username and password, e.g. alice / demo
+  Metrics         {stack.metrics_url}
+  IdP (issuer)    {stack.idp_url}
+  API (direct)    {stack.api_url}/api/me   (401 without a token: go through tokengate)
+  Sessions        {store}
+  Access tokens   live {stack.access_token_ttl_s} s; tokengate refreshes {stack.refresh_ahead_s:g} s early
+  Logs            {stack.log_dir}/  (tail -f {stack.log_dir}/tokengate.log)
+
+  Press Ctrl-C to stop.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ports = DemoPorts(**{name: getattr(args, f"{name}_port") for name, _ in DemoPorts().items()})
+    try:
+        stack = DemoStack(
+            ports,
+            access_token_ttl_s=args.access_token_ttl,
+            refresh_ahead_s=5,
+            store=args.store,
+            log_dir=args.log_dir,
+            own_process_group=True,
+        )
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    if stack.store == "memory" and args.store == "auto":
+        print("demo: redis-server is not installed; using tokengate's memory session store")
+    # SIGTERM stops the demo like Ctrl-C does: KeyboardInterrupt, then the finally below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    code = 0
+    try:
+        print(f"demo: starting (logs in {args.log_dir}/) ...", flush=True)
+        stack.start()
+        print(banner(stack), flush=True)
+        name = stack.wait()
+        print(f"demo: {name} exited unexpectedly; see {stack.log_path(name)}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        # Stopping is bounded (SIGTERM, then SIGKILL): let it finish for every child.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("\ndemo: stopping ...", flush=True)
+        stack.stop()
+        print("demo: stopped", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
