@@ -20,7 +20,6 @@ enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches 
     ├── UpstreamUnavailableError             502 upstream_unavailable
     ├── SessionStoreUnavailableError         503 session_store_unavailable
     ├── RefreshUnavailableError              503 refresh_unavailable (Retry-After)
-    ├── NotReadyError                        503 not_ready
     └── UpstreamTimeoutError                 504 upstream_timeout
 """
 
@@ -190,12 +189,6 @@ class RefreshUnavailableError(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
-
-
-class NotReadyError(GatewayError):
-    status = 503
-    code = "not_ready"
-    default_description = "tokengate is starting or shutting down"
 
 
 class UpstreamTimeoutError(GatewayError):

@@ -40,7 +40,7 @@ class Metrics:
         )
         self.http_request_duration_seconds = Histogram(
             "tokengate_http_request_duration_seconds",
-            "Time from request to response headers, by route name.",
+            "Time from request to the end of the response, by route name.",
             ("route",),
             buckets=_LATENCY_BUCKETS,
             registry=r,
