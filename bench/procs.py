@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,7 +74,7 @@ class Processes:
     def start(
         self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
     ) -> Proc:
-        log_path = self._log_dir / f"{name}.log"
+        log_path = self._log_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".log")
         with log_path.open("ab") as log_file:
             popen = subprocess.Popen(
                 list(argv),
@@ -91,7 +92,8 @@ class Processes:
     def stop(self, proc: Proc, grace_s: float = 5.0) -> None:
         if proc in self._procs:
             self._procs.remove(proc)
-        descendants = tree_pids(proc.pid)[1:] if proc.popen.poll() is None else []
+        # (pid, start time): a pid the kernel reused meanwhile is never signalled.
+        descendants = [(p, _start_time(p)) for p in tree_pids(proc.pid)[1:]]
         if proc.popen.poll() is None:
             proc.popen.send_signal(signal.SIGTERM)
             try:
@@ -99,9 +101,10 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait(grace_s)
-        for pid in descendants:  # e.g. workers of a supervisor that was killed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid, started in descendants:  # e.g. workers of a supervisor that was killed
+            if started is not None and _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
         for proc in reversed(list(self._procs)):
@@ -158,6 +161,11 @@ def _stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None else None  # stat field 22: starttime
 
 
 def tree_pids(root: int) -> list[int]:
