@@ -25,13 +25,13 @@ _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 
 def content_security_policy() -> str:
     html = (SPA_DIR / "index.html").read_text(encoding="utf-8")
-    hashes = " ".join(
+    style_src = " ".join(
         "'sha256-{}'".format(base64.b64encode(hashlib.sha256(s.encode()).digest()).decode())
         for s in _STYLE.findall(html)
-    )
+    ) or "'none'"
     return (
         "default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        f"style-src {hashes or "'none'"}; base-uri 'none'; form-action 'self'; "
+        f"style-src {style_src}; base-uri 'none'; form-action 'self'; "
         "frame-ancestors 'none'"
     )
 

@@ -23,6 +23,7 @@ from gateway.errors import MethodNotAllowedError, NotFoundError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.ingress import Ingress, aiohttp_parser_limits, set_request_id_header
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
@@ -221,7 +222,7 @@ def build_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     metrics = metrics or Metrics()
-    ingress = Ingress(settings.limits, settings.log, metrics)
+    ingress = Ingress(settings.limits, settings.log, metrics, AccessLog(settings.log))
     app = web.Application(
         middlewares=[ingress.middleware],
         handler_args=aiohttp_parser_limits(settings.limits),

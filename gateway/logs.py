@@ -8,12 +8,13 @@ line anyway is replaced before the line is written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from gateway.context import current
 from gateway.settings import LogSettings
@@ -28,6 +29,7 @@ _REDACT = (
         r"\1[redacted]",
     ),
 )
+_MAY_HOLD_CREDENTIAL = re.compile(r"eyJ|(?i:token|bearer|basic|secret|password)")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 
@@ -95,3 +97,62 @@ def configure_logging(settings: LogSettings) -> None:
     root.setLevel(settings.level)
     # aiohttp's own access log is replaced by ours (ingress writes one line per request).
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class AccessLog:
+    """One line per request, built directly (no LogRecord) and written in batches once per
+    event-loop iteration: the access line is the only logging on the hot path, and the
+    profile showed the logging machinery costing a quarter of a request's CPU.
+
+    Fields are structured values we chose; only the path can carry client text, and it is
+    redacted when it looks like it holds a credential.
+    """
+
+    def __init__(self, settings: LogSettings, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._json = settings.format == "json"
+        self._pending: list[str] = []
+        self._scheduled = False
+        self._second = -1
+        self._second_text = ""
+
+    def write(self, request_id: str, route: str, fields: dict[str, object]) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # formatting a timestamp costs more than the rest
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+        path = fields.get("path")
+        if isinstance(path, str) and _MAY_HOLD_CREDENTIAL.search(path):
+            fields["path"] = redact(path)
+        if self._json:
+            line = json.dumps(
+                {
+                    "time": stamp,
+                    "level": "info",
+                    "logger": "tokengate.access",
+                    "event": "access",
+                    "request_id": request_id,
+                    "route": route,
+                    **fields,
+                },
+                separators=(",", ":"),
+                default=str,
+            )
+        else:
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            line = f"{stamp} INFO    tokengate.access access request_id={request_id} {pairs}"
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        stream = self._stream or sys.stderr
+        stream.write("\n".join(self._pending) + "\n")
+        stream.flush()
+        self._pending.clear()

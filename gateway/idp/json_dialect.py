@@ -32,7 +32,7 @@ from gateway.idp.json_paths import (
 from gateway.idp.tokens import IdpUnavailable, RefreshRejected, TokenSet, parse_expiry
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session
-from gateway.settings import JsonCallSettings, JsonDialectSettings
+from gateway.settings import JsonCallSettings, JsonDialectSettings, RefreshSettings
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +197,25 @@ class JsonDialect:
                 time.perf_counter() - started
             )
         return status, None if raw is None else parse_json_reply(raw)
+
+
+def build_json_dialect(
+    refresh: RefreshSettings,
+    client_id: str,
+    http: aiohttp.ClientSession,
+    metrics: Metrics,
+    clock: Callable[[], float] = time.time,
+) -> JsonDialect | None:
+    """The dialect ``refresh.dialect: json`` asks for, or None for ``oauth2``."""
+    if refresh.dialect != "json" or refresh.json_api is None:
+        return None
+    return JsonDialect(
+        refresh.json_api,
+        client_id,
+        " ".join(refresh.scope),
+        http,
+        metrics,
+        refresh.default_lifetime_s,
+        timeout_s=refresh.timeout_s,
+        clock=clock,
+    )

@@ -23,6 +23,7 @@ from aiohttp import web
 from tests.fakes.issuer import _default_key, public_jwk
 
 KID = "tokenidp-1"
+AUDIENCE = "https://api.example.test"
 
 
 @dataclass
@@ -65,6 +66,15 @@ class FakeTokenIdp:
     @property
     def issuer(self) -> str:
         return self.url
+
+    @property
+    def issued(self) -> list[str]:
+        """Every token handed out, access and refresh."""
+        return self.issued_access + self.issued_refresh
+
+    @property
+    def latest_access(self) -> str:
+        return self.issued_access[-1]
 
     def revoke_all(self) -> None:
         for record in self._refresh.values():
@@ -129,6 +139,7 @@ class FakeTokenIdp:
             {
                 "iss": self.issuer,
                 "sub": family.subject,
+                "aud": AUDIENCE,
                 "client_id": family.client_id,
                 "scope": scope if isinstance(scope, str) else "api",
                 "iat": now,

@@ -173,7 +173,7 @@ async def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(
 
 
 async def test_a_whole_session_run_logs_no_token_and_no_cookie(
-    bff: Bff, caplog: pytest.LogCaptureFixture
+    bff: Bff, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
 
     caplog.set_level(logging.DEBUG)
@@ -205,7 +205,9 @@ async def test_a_whole_session_run_logs_no_token_and_no_cookie(
         ) as resp:
             assert resp.status == 401
     assert (await bff.api(browser, "/auth/logout", method="POST"))[0] == 200
-    text = "\n".join(caplog.handler.format(record) for record in caplog.records)
+    await asyncio.sleep(0)  # the access log writes its batch on the next loop iteration
+    events = "\n".join(caplog.handler.format(record) for record in caplog.records)
+    text = events + "\n" + capsys.readouterr().err  # event lines + access lines
     assert '"event":"access"' in text
     assert '"event":"refresh"' in text
     assert '"event":"login"' in text
