@@ -29,7 +29,7 @@ _REDACT = (
         r"\1[redacted]",
     ),
 )
-_MAY_HOLD_CREDENTIAL = re.compile(r"eyJ|(?i:token|bearer|basic|secret|password)")
+_MAY_HOLD_CREDENTIAL = re.compile(r"eyJ|(?i:token|secret|password|code)[=:]")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
 

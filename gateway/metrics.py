@@ -8,6 +8,8 @@ names, methods, status codes and results, never a raw path or a subject.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -101,9 +103,19 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         if not multiprocess_mode:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus-client's lookup takes a lock and
+        validates every call, and it sits on the path of every request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
         """Count one answered request; labelled children are cached (labels() is slow)."""

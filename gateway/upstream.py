@@ -192,7 +192,9 @@ class Upstream:
                 raise exc.__cause__ from None
             raise UpstreamUnavailableError() from exc
         elapsed = time.perf_counter() - started
-        self._metrics.upstream_request_duration_seconds.labels(route=route.name).observe(elapsed)
+        self._metrics.child(self._metrics.upstream_request_duration_seconds, route.name).observe(
+            elapsed
+        )
         ctx = current()
         if ctx is not None:
             ctx.upstream_s = elapsed

@@ -62,7 +62,7 @@ class TokenValidator:
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.expires_at + self._settings.leeway_s > self._clock():
-                self._metrics.token_validations_total.labels(result="valid_cached").inc()
+                self._metrics.child(self._metrics.token_validations_total, "valid_cached").inc()
                 return cached
             del self._cache[digest]
         try:
@@ -70,7 +70,7 @@ class TokenValidator:
         except InvalidTokenError as exc:
             self._metrics.token_validations_total.labels(result=exc.result).inc()
             raise
-        self._metrics.token_validations_total.labels(result="valid").inc()
+        self._metrics.child(self._metrics.token_validations_total, "valid").inc()
         self._flush_on_new_keys()  # the key set may have changed while we verified
         if self._settings.token_cache_size:
             self._cache[digest] = principal

@@ -58,6 +58,7 @@ class FakeTokenIdp:
     release: asyncio.Event = field(default_factory=asyncio.Event)  # clear to hold requests
     issued_access: list[str] = field(default_factory=list)
     issued_refresh: list[str] = field(default_factory=list)
+    issued_id: list[str] = field(default_factory=list)
     _refresh: dict[str, RefreshRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,7 +71,7 @@ class FakeTokenIdp:
     @property
     def issued(self) -> list[str]:
         """Every token handed out, access and refresh."""
-        return self.issued_access + self.issued_refresh
+        return self.issued_access + self.issued_refresh + self.issued_id
 
     @property
     def latest_access(self) -> str:
@@ -159,6 +160,14 @@ class FakeTokenIdp:
             self._refresh[refresh] = RefreshRecord(family)
             self.issued_refresh.append(refresh)
             data["refreshToken"] = refresh
+        id_token = jwt.encode(
+            {"iss": self.issuer, "sub": family.subject, "aud": family.client_id, "iat": now},
+            _default_key("RS256"),
+            algorithm="RS256",
+            headers={"kid": KID},
+        )
+        self.issued_id.append(id_token)
+        data["idToken"] = id_token  # not configured anywhere: capture must drop it by name
         data["user"] = {"name": family.subject.title(), "roles": ["reader"]}
         return web.json_response({"isSuccess": True, "data": data})
 

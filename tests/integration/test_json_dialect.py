@@ -158,7 +158,7 @@ SHAPES = [
             "password": "wonderland",
             "scope": "api",
         },
-        ("accessToken", "refreshToken"),
+        ("accessToken", "refreshToken", "idToken"),
         "alice",
     ),
     Shape(
