@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if stack.store == "memory" and args.store == "auto":
         print("demo: redis-server is not installed; using tokengate's memory session store")
-    # SIGTERM stops the demo like Ctrl-C does: KeyboardInterrupt, then the finally below.
+    # Ctrl-C and SIGTERM raise KeyboardInterrupt, then the finally below stops everything.
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     code = 0
     try:

@@ -129,7 +129,7 @@ class _Child:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, ready_line: bool, process_group: int | None) -> None:
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("wb") as log:  # each run starts a fresh log
             self.proc = subprocess.Popen(  # noqa: S603 - our own fixed argv
                 self.argv,
                 cwd=REPO_ROOT,

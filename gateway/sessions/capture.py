@@ -122,16 +122,19 @@ class TokenCapture:
         """The upstream's reply for the browser: tokens out, a session cookie in when the
         reply was a successful login; otherwise the reply as it came."""
         upstream = upstream_response
-        no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
-        raw = b"" if no_body else await self._read(upstream)
-        headers = self._headers(upstream)
+        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
+            upstream.release()
+            raw = b""
+        else:
+            raw = await self._read(upstream)
         reply = parse_json_reply(raw) if raw else None
         session = None if reply is None else self._session_of(upstream.status, reply, settings)
+        known: frozenset[str] = frozenset()
+        if session is not None:
+            known = frozenset(t for t in (session.access_token, session.refresh_token) if t)
+        headers = self._headers(upstream, known)
         body = raw
         if reply is not None:
-            known = frozenset({session.access_token} if session is not None else ())
-            if session is not None and session.refresh_token:
-                known |= {session.refresh_token}
             stripped, removed = strip_tokens(reply, settings.response, known)
             if removed:
                 body = json.dumps(stripped, separators=(",", ":")).encode()
@@ -165,15 +168,25 @@ class TokenCapture:
             raise UpstreamUnavailableError("the login reply is too large")
         return raw
 
-    def _headers(self, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _headers(
+        self, upstream: aiohttp.ClientResponse, tokens: frozenset[str]
+    ) -> CIMultiDict[str]:
         drop = _DROP | connection_tokens(upstream.headers)
-        cookie_prefix = self._cookies.name + "="
         return CIMultiDict(
             (name, value)
             for name, value in upstream.headers.items()
             if name.lower() not in drop
-            # SECURITY: an upstream must not plant or overwrite our session cookie.
-            and not (name.lower() == "set-cookie" and value.lstrip().startswith(cookie_prefix))
+            and not (name.lower() == "set-cookie" and self._forbidden_cookie(value))
+            # SECURITY: a token echoed in a header (X-Access-Token) is a token all the same.
+            and not any(token in value for token in tokens)
+        )
+
+    def _forbidden_cookie(self, set_cookie: str) -> bool:
+        """An upstream must not plant our cookies (fixation) nor hand the browser a token
+        as a cookie of its own (``refreshToken=...``)."""
+        name = set_cookie.partition("=")[0].strip()
+        return name in (self._cookies.name, self._cookies.login_name) or (
+            _normalised(name) in _TOKEN_NAMES
         )
 
     def _session_of(self, status: int, reply: Any, settings: CaptureSettings) -> Session | None:

@@ -6,6 +6,7 @@ user services have.
 ``Version: 2.0`` (else 400) and ``Authorization: Bearer`` with the current access token of
 the refresh token's family (else 401), takes ``{"refreshToken"}``, rotates both tokens and
 revokes the previous access token, which the protected ``GET /User/Me`` then refuses.
+The login also sets a ``refreshToken`` cookie and an ``X-Access-Token`` header, as some do.
 ``POST /User/Logout`` revokes the family. Refresh grants are counted here; ``down``
 answers 503; ``release`` holds refresh requests until set.
 """
@@ -87,7 +88,13 @@ class FakeUserApi:
             return web.json_response({"message": "Invalid username or password"}, status=401)
         self.logins += 1
         family = Family(subject=username)
-        return web.json_response({**self._rotate(family), "user": {"id": 42, "userName": username}})
+        tokens = self._rotate(family)
+        response = web.json_response({**tokens, "user": {"id": 42, "userName": username}})
+        # Some such APIs also hand the browser its tokens as cookies, and echo them.
+        response.set_cookie("refreshToken", tokens["refreshToken"], httponly=True)
+        response.set_cookie("theme", "dark")
+        response.headers["X-Access-Token"] = tokens["accessToken"]
+        return response
 
     async def _refresh(self, request: web.Request) -> web.Response:
         self.refresh_requests += 1

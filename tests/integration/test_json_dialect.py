@@ -195,12 +195,18 @@ class JsonBff:
         self, browser: aiohttp.ClientSession, *, csrf: bool = True, **changes: Any
     ) -> tuple[int, Any, str]:
         """POST the login form through the capture route: (status, JSON body, raw body)."""
+        status, body, raw, _ = await self.login_with_headers(browser, csrf=csrf, **changes)
+        return status, body, raw
+
+    async def login_with_headers(
+        self, browser: aiohttp.ClientSession, *, csrf: bool = True, **changes: Any
+    ) -> tuple[int, Any, str, list[tuple[str, str]]]:
         headers = {"X-CSRF": "1"} if csrf else {}
         body = {**self.shape.login_body, **changes}
         url = self.url + self.shape.login_path
         async with browser.post(url, json=body, headers=headers) as resp:
             raw = await resp.text()
-            return resp.status, json.loads(raw) if raw else None, raw
+            return resp.status, json.loads(raw) if raw else None, raw, list(resp.headers.items())
 
     async def call(
         self, browser: aiohttp.ClientSession, path: str = "/api/items", method: str = "GET"
@@ -308,12 +314,15 @@ async def test_capture_login_starts_a_session_and_the_browser_never_sees_a_token
     jbff: JsonBff,
 ) -> None:
     browser = jbff.browser()
-    status, body, raw = await jbff.login(browser)
+    status, body, raw, headers = await jbff.login_with_headers(browser)
     assert status == 200
+    assert ("Cache-Control", "no-store") in headers
     for name in jbff.shape.token_fields:
         assert name not in raw
     for token in jbff.api.issued:
         assert token not in raw
+        assert not any(token in value for _, value in headers)
+    assert {cookie.key for cookie in browser.cookie_jar} <= {"tokengate", "theme"}
     assert "user" in (body.get("data", body))  # the rest of the reply is relayed
     handle = jbff.handle_of(browser)
     session = await jbff.load(handle)
@@ -351,6 +360,8 @@ async def test_the_user_api_accepts_the_session_token_through_tokengate(
     browser, _, _ = await logged_in(user_api_bff)
     status, body, _ = await user_api_bff.call(browser, "/User/Me")
     assert (status, body) == (200, {"userName": "bob"})
+    # The login's own cookies are relayed, all but the one that carried a token.
+    assert {cookie.key for cookie in browser.cookie_jar} == {"tokengate", "theme"}
 
 
 async def test_bad_credentials_are_relayed_unchanged_and_start_no_session(
@@ -401,6 +412,7 @@ async def test_100_concurrent_requests_on_an_expired_session_refresh_once(
     assert session.access_token == fresh
     assert session.refresh_token not in (None, stale.refresh_token)  # rotated
     assert session.access_expires_at > time.time() + 200
+    assert any(r.getMessage() == "refresh" for r in caplog.records)  # the log was captured
     logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert not any(token in logged for token in jbff.api.issued)
 
