@@ -21,6 +21,7 @@ from gateway.bff.login import LoginEndpoints
 from gateway.bff.logout import LogoutEndpoints
 from gateway.errors import MethodNotAllowedError, NotFoundError
 from gateway.idp.discovery import Discovery
+from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.ingress import Ingress, aiohttp_parser_limits, set_request_id_header
 from gateway.logs import AccessLog
@@ -28,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from gateway.sessions.authenticator import SessionAuthenticator
+from gateway.sessions.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import SessionStore
@@ -55,6 +57,7 @@ REFRESHER = web.AppKey("refresher", Refresher)
 SESSIONS = web.AppKey("session_authenticator", SessionAuthenticator)
 LOGIN = web.AppKey("login", LoginEndpoints)
 LOGOUT = web.AppKey("logout", LogoutEndpoints)
+CAPTURE = web.AppKey("capture", TokenCapture)
 PROXY = web.AppKey("proxy", Proxy)
 
 _UPSTREAM_POOL_LIMIT = 1024
@@ -138,20 +141,44 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
     if STORE not in app:
         yield
         return
-    store, metrics = app[STORE], app[METRICS]
-    oauth = OAuth2Client(settings.oidc, settings.refresh, app[DISCOVERY], app[IDP_HTTP], metrics)
-    refresher = Refresher(store, oauth, settings.refresh, metrics, clock=app[CLOCK])
+    store, metrics, refresh = app[STORE], app[METRICS], settings.refresh
+    # Without oidc.issuer (capture-only) discovery is never loaded unless oauth2 needs it.
+    discovery = app.get(DISCOVERY) or Discovery(settings.oidc, app[IDP_HTTP])
+    oauth = OAuth2Client(settings.oidc, refresh, discovery, app[IDP_HTTP], metrics)
+    json_api = build_json_dialect(
+        refresh, settings.oidc.client_id, app[IDP_HTTP], metrics, clock=app[CLOCK]
+    )
+    dialect = oauth if json_api is None else json_api
+    refresher = Refresher(store, dialect, refresh, metrics, clock=app[CLOCK])
     cookies = SessionCookies(settings.session)
     authenticator = SessionAuthenticator(
         cookies, store, refresher, settings.csrf, settings.public_url
     )
     app[REFRESHER] = refresher
     app[SESSIONS] = authenticator
-    app[LOGIN] = LoginEndpoints(
-        settings, app[DISCOVERY], oauth, app[VALIDATOR], store, cookies, metrics, app[CLOCK]
-    )
+    validator = app.get(VALIDATOR)
+    if settings.uses_oidc_login and validator is not None:
+        app[LOGIN] = LoginEndpoints(
+            settings, discovery, oauth, validator, store, cookies, metrics, app[CLOCK]
+        )
     app[LOGOUT] = LogoutEndpoints(
-        settings, app[DISCOVERY], oauth, app[VALIDATOR], store, cookies, authenticator, metrics
+        settings,
+        discovery,
+        oauth,
+        validator,
+        store,
+        cookies,
+        authenticator,
+        metrics,
+        end_grant=None if json_api is None else json_api.logout,
+    )
+    app[CAPTURE] = TokenCapture(
+        store,
+        cookies,
+        refresh.default_lifetime_s,
+        metrics,
+        app[CLOCK],
+        check_csrf=authenticator.check_csrf,
     )
     yield
     await refresher.aclose()
@@ -171,7 +198,7 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         ),
     )
     auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS))
-    app[PROXY] = Proxy(RouteTable.build(settings.routes), auth, upstream)
+    app[PROXY] = Proxy(RouteTable.build(settings.routes), auth, upstream, app.get(CAPTURE))
     yield
 
 
@@ -179,7 +206,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
-def add_auth_routes(app: web.Application) -> None:
+def add_auth_routes(app: web.Application, *, oidc_login: bool) -> None:
     async def login(request: web.Request) -> web.StreamResponse:
         return await request.app[LOGIN].login(request)
 
@@ -195,11 +222,12 @@ def add_auth_routes(app: web.Application) -> None:
     async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         return await request.app[LOGOUT].backchannel_logout(request)
 
-    app.router.add_get("/auth/login", login)
-    app.router.add_get("/auth/callback", callback)
     app.router.add_get("/auth/session", session_info)
     app.router.add_post("/auth/logout", logout)
-    app.router.add_post("/auth/backchannel-logout", backchannel_logout)
+    if oidc_login:  # capture-only deployments log in through their capture route
+        app.router.add_get("/auth/login", login)
+        app.router.add_get("/auth/callback", callback)
+        app.router.add_post("/auth/backchannel-logout", backchannel_logout)
 
 
 _AUTH_PATHS = frozenset(
@@ -235,7 +263,7 @@ def build_app(
     app.cleanup_ctx.extend((upstream_http, idp_http, token_keys, session_store, sessions, proxy))
     app.on_response_prepare.append(set_request_id_header)
     if settings.uses_sessions:
-        add_auth_routes(app)
+        add_auth_routes(app, oidc_login=settings.uses_oidc_login)
     app.router.add_route("*", "/auth/{tail:.*}", reserved_auth_path)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from aiohttp import ClientTimeout
 from yarl import URL
 
 from gateway.errors import BadRequestError, NotFoundError
-from gateway.settings import AuthMode, RouteSettings
+from gateway.settings import AuthMode, CaptureSettings, RouteSettings
 
 # SECURITY: an encoded '/' or '\' would let "/api%2F..%2Fadmin" mean one path to us and
 # another to the upstream; refuse them rather than guess (Envoy's REJECT_REQUEST default).
@@ -37,6 +37,7 @@ class Route:
     websocket: bool
     identity_headers: tuple[tuple[str, str], ...]
     max_body_bytes: int | None
+    capture: CaptureSettings | None = field(default=None, compare=False)  # a login API
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -57,6 +58,7 @@ class Route:
             websocket=settings.websocket,
             identity_headers=tuple(settings.identity_headers.items()),
             max_body_bytes=settings.max_body_bytes,
+            capture=settings.capture_tokens,
         )
 
     def matches(self, path: str) -> bool:

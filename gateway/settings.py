@@ -419,7 +419,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"routes.{index}.prefix: /auth/ is reserved for tokengate")
             seen_prefix[route.prefix] = index
             seen_name[route.name] = index
-            if route.auth != "none" and not (self.oidc.issuer or self.oidc.jwks_uri):
+            # `session` alone may do without: capture routes make sessions (checked below).
+            bearer = route.auth in ("bearer", "session_or_bearer")
+            if bearer and not (self.oidc.issuer or self.oidc.jwks_uri):
                 raise ValueError(f"routes.{index}.auth: {route.auth} needs oidc.issuer")
         if not self.session.cookie_secure and not (
             self.public_url.startswith("http://")

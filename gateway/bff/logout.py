@@ -8,20 +8,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from gateway.bff.login import no_store
-from gateway.errors import BadRequestError, CsrfError, GatewayError, IdpError
+from gateway.errors import BadRequestError, CsrfError, GatewayError, IdpError, NotFoundError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.metrics import Metrics
 from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.cookie import SessionCookies
-from gateway.sessions.model import SessionStore
+from gateway.sessions.model import Session, SessionStore
 from gateway.settings import Settings
 from gateway.tokens.validator import TokenValidator
 
@@ -38,12 +38,14 @@ class LogoutEndpoints:
         settings: Settings,
         discovery: Discovery,
         oauth: OAuth2Client,
-        validator: TokenValidator,
+        validator: TokenValidator | None,
         store: SessionStore,
         cookies: SessionCookies,
         sessions: SessionAuthenticator,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        *,
+        end_grant: Callable[[Session], Awaitable[bool]] | None = None,
     ) -> None:
         self._settings = settings
         self._discovery = discovery
@@ -54,6 +56,7 @@ class LogoutEndpoints:
         self._sessions = sessions
         self._metrics = metrics
         self._clock = clock
+        self._end_grant = end_grant  # a custom token API's logout, instead of RFC 7009
         self._after_logout = settings.oidc.post_logout_redirect_uri or f"{settings.public_url}/"
 
     async def session_info(self, request: web.Request) -> web.StreamResponse:
@@ -95,7 +98,9 @@ class LogoutEndpoints:
             await self._store.delete(handle)
             self._metrics.sessions_ended_total.labels(reason="logout").inc()
             log.info("logout", extra={"result": "success"})
-            if session.refresh_token:
+            if self._end_grant is not None:
+                await self._end_grant(session)  # best effort, like revocation
+            elif session.refresh_token:
                 # RP-initiated logout does not end offline grants at every IdP: revoke ours.
                 with contextlib.suppress(IdpError):
                     await self._oauth.revoke(session.refresh_token, "refresh_token")
@@ -142,6 +147,8 @@ class LogoutEndpoints:
 
     async def _validate_logout_token(self, token: str) -> dict[str, Any]:
         """Back-Channel Logout 1.0 §2.6: a 400 for every failure, never a 401."""
+        if self._validator is None:
+            raise NotFoundError()
         try:
             claims = await self._validator.verify_jwt(
                 token,

@@ -50,35 +50,68 @@ async def test_login_through_the_idp_forms_then_the_api_returns_the_users_claims
     await expect(page.locator("#log li").first).to_have_attribute("data-status", "200")
 
 
-async def captured(request: Request) -> tuple[str, str]:
-    """(url, everything the browser sent and received for ``request`` as text)."""
-    response = await request.response()
-    parts = [request.url, *(f"{k}: {v}" for k, v in (await request.all_headers()).items())]
-    if response is not None:
-        parts += [f"{k}: {v}" for k, v in (await response.all_headers()).items()]
-        if not 300 <= response.status < 400:  # a redirect has no body to read
-            parts.append((await response.body()).decode("utf-8", "replace"))
-    return request.url, "\n".join(parts)
+class Recorder:
+    """What a browser context sent and received, as text: URLs, headers, bodies.
+
+    Bodies are read as each request finishes; ``settle()`` waits until no request is in
+    flight and every read is done. Call it before the page navigates away: Chromium drops
+    a page's response bodies when it leaves the page.
+    """
+
+    def __init__(self, context: BrowserContext) -> None:
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reads: list[asyncio.Task[tuple[str, str]]] = []
+        context.on("request", self._started)
+        context.on("requestfinished", self._finished)
+        context.on("requestfailed", lambda request: self._done())
+
+    def _started(self, request: Request) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _finished(self, request: Request) -> None:
+        self._reads.append(asyncio.create_task(self._read(request)))
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def _read(self, request: Request) -> tuple[str, str]:
+        try:
+            response = await request.response()
+            parts = [request.url]
+            parts += [f"{k}: {v}" for k, v in (await request.all_headers()).items()]
+            if response is not None:
+                if not 300 <= response.status < 400:  # a redirect has no body
+                    parts.append((await response.body()).decode("utf-8", "replace"))
+                parts += [f"{k}: {v}" for k, v in (await response.all_headers()).items()]
+            return request.url, "\n".join(parts)
+        finally:
+            self._done()
+
+    async def settle(self) -> list[tuple[str, str]]:
+        await self._idle.wait()
+        return await asyncio.gather(*self._reads)
 
 
 async def test_the_page_never_holds_a_token_nor_reads_the_session_cookie(
     context: BrowserContext, page: Page, demo: DemoStack, session_store: RedisSessionStore
 ) -> None:
-    # Bodies are read as each request finishes, and every read is done before the page
-    # navigates away: Chromium drops a page's bodies when it leaves the page.
-    captures: list[asyncio.Task[tuple[str, str]]] = []
-    context.on("requestfinished", lambda r: captures.append(asyncio.create_task(captured(r))))
+    recorder = Recorder(context)
 
-    async def read_bodies() -> None:
-        await asyncio.gather(*captures)
+    async def settle() -> None:
+        await recorder.settle()
 
-    await log_in(page, demo, before_leaving=read_bodies)
+    await log_in(page, demo, before_leaving=settle)
     first = await stored_session(context, demo, session_store)
     async with page.expect_response(f"{demo.url}/api/me"):
         await page.get_by_role("button", name="Call API").click()
     async with page.expect_response(f"{demo.url}/api/items"):
         await page.get_by_role("button", name="Add item").click()
-    await read_bodies()
+    await settle()
     await page.reload()
     await expect(page.locator("#status")).to_have_text("Logged in as alice")
     last = await stored_session(context, demo, session_store)
@@ -103,7 +136,7 @@ async def test_the_page_never_holds_a_token_nor_reads_the_session_cookie(
         if value
     }
     assert len(tokens) >= 3
-    seen = await asyncio.gather(*captures)
+    seen = await recorder.settle()
     assert any(url.startswith(f"{demo.url}/api/me") for url, _ in seen)
     assert any(url.startswith(f"{demo.idp_url}/interaction/") for url, _ in seen)
     leaks = [(url, name) for url, text in seen for name, token in tokens.items() if token in text]
@@ -238,7 +271,8 @@ async def test_requests_from_another_origin_never_reach_the_api(
         await page.locator("#post").evaluate("(form) => form.submit()")
     form_post = await posted.value
     assert form_post.status == 401  # a cross-site POST navigation: Lax withholds the cookie
-    await page.go_back()
+    await page.wait_for_url(f"{demo.url}/api/items")
+    await page.goto(str(server.make_url("/")))
     async with page.expect_response(f"{demo.url}/api/me") as followed:
         await page.locator("#link").click()
     link = await followed.value

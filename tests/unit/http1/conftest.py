@@ -95,31 +95,39 @@ class RawServer:
     _server: asyncio.Server | None = None
     _conns: list[RawConn] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _accepts: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        accept = asyncio.current_task()
+        assert accept is not None
+        self._accepts.add(accept)
         conn = RawConn(self, self.connections, reader, writer)
         self.connections += 1
         self._conns.append(conn)
         self.changed.set()
+        # The script runs in a task of ours: cancelling start_server's own task upsets
+        # StreamReaderProtocol in 3.11; this one we may cancel at teardown.
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._tasks.add(task)
         try:
-            await self.script(conn)
-            # Then wait for the client's close, so "closed by the client" can be counted.
-            while await reader.read(65536):
-                pass
-        except ConnectionError:
-            pass
+            await asyncio.wait([task])
         finally:
+            self._tasks.discard(task)
             await conn.close()
             self.closed_connections += 1
             self.changed.set()
-            self._tasks.discard(task)
+            self._accepts.discard(accept)
+
+    async def _serve(self, conn: RawConn) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.script(conn)
+            # Then wait for the client's close, so "closed by the client" can be counted.
+            while await conn.reader.read(65536):
+                pass
 
     async def wait_for(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
         async with asyncio.timeout(timeout_s):
@@ -130,12 +138,13 @@ class RawServer:
     async def aclose(self) -> None:
         assert self._server is not None
         self._server.close()
+        for conn in self._conns:
+            conn.writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
-        for conn in self._conns:
-            await conn.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        if self._accepts:
+            await asyncio.wait(list(self._accepts))
+        await self._server.wait_closed()  # 3.11: returns once the listener is closed
 
 
 @pytest.fixture
