@@ -45,4 +45,4 @@ demo: install system-deps idp-deps ## run the whole stack locally (IdP, Redis, A
 	$(PY) demo/run.py
 
 bench: install system-deps ## benchmark against nginx and the bare aiohttp floor
-	$(PY) bench/run.py
+	$(PY) bench/run.py --results bench/RESULTS.md
