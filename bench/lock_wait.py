@@ -100,8 +100,8 @@ def describe(name: str, delays: list[float], commands: float) -> str:
 
 async def main() -> None:
     with RedisServerProcess() as server:
-        print(describe("polling", *await polling(server.url)))  # noqa: T201
-        print(describe("pub/sub", *await pubsub(server.url)))  # noqa: T201
+        print(describe("polling", *await polling(server.url)))
+        print(describe("pub/sub", *await pubsub(server.url)))
 
 
 if __name__ == "__main__":

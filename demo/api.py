@@ -26,9 +26,9 @@ from aiohttp.typedefs import Handler
 MAX_ITEMS = 50
 MAX_TEXT = 200
 
-REQUESTS = web.AppKey("requests", Counter)  # path -> requests that reached /api/*
+REQUESTS: web.AppKey[Counter[str]] = web.AppKey("requests")  # path -> requests at /api/*
 ITEMS: web.AppKey[list[dict[str, Any]]] = web.AppKey("items")
-IDS = web.AppKey("ids", itertools.count)
+IDS: web.AppKey[itertools.count[int]] = web.AppKey("ids")
 
 
 def error(status: int, code: str, description: str) -> web.Response:
@@ -51,9 +51,7 @@ def caller_claims(request: web.Request) -> dict[str, Any] | None:
 
 
 @web.middleware
-async def count_and_authenticate(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
+async def count_and_authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
         return await handler(request)
     # Counted before anything else: a request tokengate should have refused shows up here.
@@ -85,8 +83,9 @@ async def add_item(request: web.Request) -> web.Response:
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
         return error(400, "invalid_request", f"text must be 1..{MAX_TEXT} characters")
     claims = request["claims"]
+    ids = request.app[IDS]
     item = {
-        "id": next(request.app[IDS]),
+        "id": next(ids),
         "text": text.strip(),
         "owner": claims.get("sub"),
         "created_at": int(time.time()),
@@ -100,7 +99,8 @@ async def add_item(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     if "X-Forwarded-For" in request.headers:
         raise web.HTTPNotFound()  # came through a proxy: this is for direct callers only
-    by_path = dict(request.app[REQUESTS])
+    counts = request.app[REQUESTS]
+    by_path = dict(counts)
     return web.json_response({"requests": sum(by_path.values()), "by_path": by_path})
 
 

@@ -3,12 +3,16 @@ and tokengate in front of them. Open the printed URL, log in with any username a
 password, and watch API calls keep succeeding while the 30 s access tokens expire and
 tokengate refreshes them. Ctrl-C (or SIGTERM) stops everything.
 
+With the demo running, `demo/run.py --token` prints an access token from its IdP, for
+`curl -H "Authorization: Bearer $TOKEN" http://localhost:8080/api/me`.
+
 Every port has a fixed default and an environment variable (a flag wins over both).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -17,6 +21,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python demo/run.py` puts demo/ there, not the root
+
+import aiohttp  # noqa: E402
 
 from demo.stack import PORT_ENV, DemoError, DemoPorts, DemoStack  # noqa: E402
 
@@ -55,6 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="session store; auto = Redis when redis-server is installed (env DEMO_STORE)",
     )
     parser.add_argument(
+        "--token",
+        action="store_true",
+        help="do not start anything: print an access token from the running demo's IdP",
+    )
+    parser.add_argument(
+        "--user", default="alice", help="the username --token logs in as (default alice)"
+    )
+    parser.add_argument(
         "--log-dir",
         type=Path,
         default=Path(os.environ.get("DEMO_LOG_DIR", DEFAULT_LOG_DIR)),
@@ -67,7 +81,7 @@ def banner(stack: DemoStack) -> str:
     store = (
         f"Redis at {stack.redis_url}"
         if stack.redis_url
-        else "in memory (redis-server not found; sessions end with the demo)"
+        else "in tokengate's memory (sessions end with the demo)"
     )
     return f"""
   tokengate demo is running.
@@ -77,12 +91,38 @@ def banner(stack: DemoStack) -> str:
   Metrics         {stack.metrics_url}
   IdP (issuer)    {stack.idp_url}
   API (direct)    {stack.api_url}/api/me   (401 without a token: go through tokengate)
+  Bearer token    TOKEN=$({token_command(stack)})
+                  curl -H "Authorization: Bearer $TOKEN" {stack.url}/api/me
   Sessions        {store}
-  Access tokens   live {stack.access_token_ttl_s} s; tokengate refreshes {stack.refresh_ahead_s:g} s early
+  Access tokens   live {stack.access_token_ttl_s} s, refreshed {stack.refresh_ahead_s:g} s early
   Logs            {stack.log_dir}/  (tail -f {stack.log_dir}/tokengate.log)
 
   Press Ctrl-C to stop.
 """
+
+
+def port_flags(stack: DemoStack) -> str:
+    """The port flags --token needs to find this stack, when not the defaults."""
+    defaults = DemoPorts()
+    return "".join(
+        f" --{name}-port {port}"
+        for name, port in stack.ports.items()
+        if name in ("gateway", "idp") and port != getattr(defaults, name)
+    )
+
+
+def token_command(stack: DemoStack) -> str:
+    python, script = os.path.relpath(sys.executable), os.path.relpath(__file__)
+    return f"{python} {script} --token{port_flags(stack)}"
+
+
+def print_token(stack: DemoStack, username: str) -> int:
+    try:
+        print(asyncio.run(stack.fetch_access_token(username)))
+    except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # DemoError, IdpError: Runtime
+        print(f"demo: no token ({exc}); is the demo running on these ports?", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    if args.token:
+        return print_token(stack, args.user)
     if stack.store == "memory" and args.store == "auto":
         print("demo: redis-server is not installed; using tokengate's memory session store")
     # Ctrl-C and SIGTERM raise KeyboardInterrupt, then the finally below stops everything.

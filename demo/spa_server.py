@@ -23,12 +23,13 @@ FILES = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js"}
 _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 
 
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
 def content_security_policy() -> str:
     html = (SPA_DIR / "index.html").read_text(encoding="utf-8")
-    style_src = " ".join(
-        "'sha256-{}'".format(base64.b64encode(hashlib.sha256(s.encode()).digest()).decode())
-        for s in _STYLE.findall(html)
-    ) or "'none'"
+    style_src = " ".join(csp_hash(style) for style in _STYLE.findall(html)) or "'none'"
     return (
         "default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self' data:; "
         f"style-src {style_src}; base-uri 'none'; form-action 'self'; "

@@ -13,8 +13,11 @@ is the command around this; ``tests/e2e`` start one on free ports.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -29,9 +32,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-from tests.support.idp import CLIENT_SECRET, DEFAULT_RESOURCE, IDP_DIR, SERVER_JS
-from tests.support.idp import default_idp_config
+import aiohttp
+
+from tests.support.idp import (
+    CLIENT_SECRET,
+    DEFAULT_RESOURCE,
+    IDP_DIR,
+    SERVER_JS,
+    complete_login,
+    default_idp_config,
+)
 
 DEMO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DEMO_DIR.parent
@@ -69,7 +81,10 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something listens on ``port``. SO_REUSEADDR, as the servers themselves set
+    it: connections of a previous run in TIME_WAIT do not make a port busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -348,6 +363,49 @@ class DemoStack:
                 {"prefix": "/", "name": "spa", "upstream": self.spa_url, "auth": "none"},
             ],
         }
+
+    # -- a bearer token for curl -----------------------------------------------------------
+
+    async def fetch_access_token(self, username: str = "alice") -> str:
+        """An access token for the API from the running demo IdP, for ``curl -H
+        "Authorization: Bearer ..."``: the authorization code flow with PKCE done over plain
+        HTTP as client ``tokengate`` (its redirect is read, never followed)."""
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        redirect_uri = f"{self.url}/auth/callback"
+        query = {
+            "client_id": "tokengate",
+            "response_type": "code",
+            "redirect_uri": redirect_uri,
+            "scope": "openid api.read",
+            "state": secrets.token_urlsafe(16),
+            "code_challenge": challenge.rstrip(b"=").decode(),
+            "code_challenge_method": "S256",
+        }
+        jar = aiohttp.CookieJar(unsafe=True)  # the IdP lives on an IP address
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(cookie_jar=jar, timeout=timeout) as http:
+            async with http.get(f"{self.idp_url}/.well-known/openid-configuration") as resp:
+                metadata = await resp.json()
+            start = f"{metadata['authorization_endpoint']}?{urlencode(query)}"
+            callback = await complete_login(http, start, username, "demo", idp_origin=self.idp_url)
+            code = parse_qs(urlsplit(callback).query).get("code")
+            if not code:
+                raise DemoError(f"the IdP did not issue a code: {callback}")
+            form = {
+                "grant_type": "authorization_code",
+                "code": code[0],
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+            }
+            basic = base64.b64encode(f"tokengate:{CLIENT_SECRET}".encode()).decode()
+            headers = {"Authorization": f"Basic {basic}"}  # client_secret_basic
+            async with http.post(metadata["token_endpoint"], data=form, headers=headers) as resp:
+                tokens = await resp.json()
+            if resp.status != 200 or "access_token" not in tokens:
+                raise DemoError(f"the token endpoint answered {resp.status}: {tokens}")
+            token: str = tokens["access_token"]
+            return token
 
     # -- life cycle ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ const CSRF_HEADER = { 'X-CSRF': '1' };
 const AUTO_CALL_MS = 5000;
 const MAX_LOG_LINES = 60;
 const TIME_CLAIMS = new Set(['exp', 'iat', 'nbf', 'auth_time']);
+const CLAIM_ORDER = ['sub', 'scope', 'aud', 'iss', 'client_id', 'iat', 'exp'];
 
 const $ = (id) => document.getElementById(id);
 const state = { authenticated: false, tokenExp: null, tokenIat: null, autoTimer: null };
@@ -113,6 +114,7 @@ function renderSession(info) {
   $('session-expiry').textContent = state.authenticated && info.expires_at
     ? `Session ends at the latest ${new Date(info.expires_at * 1000).toLocaleString('en-GB')}.`
     : '';
+  $('js-cookies').textContent = document.cookie === '' ? '""' : JSON.stringify(document.cookie);
   if (!state.authenticated) setAutoCall(false);
 }
 
@@ -124,7 +126,8 @@ async function refreshSession() {
 async function callApi() {
   const { status, data } = await call('GET', '/api/me');
   if (status === 200 && data) {
-    const entries = Object.entries(data.claims || {});
+    const rank = (key) => (CLAIM_ORDER.includes(key) ? CLAIM_ORDER.indexOf(key) : CLAIM_ORDER.length);
+    const entries = Object.entries(data.claims || {}).sort(([a], [b]) => rank(a) - rank(b));
     entries.push(['server_time', data.server_time]);
     renderTable($('api-claims'), entries, 'No claims.');
     renderTokenLife();
