@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import httptools
 
@@ -23,14 +24,22 @@ from gateway.http1.wire import CHUNKED_END, frame_chunk
 
 # Body bytes buffered for a slow consumer before we stop reading the socket, and the level
 # at which we read again: the memory of one response stays near this, whatever its size.
-_HIGH_WATER_BYTES = 512 * 1024
-_LOW_WATER_BYTES = 128 * 1024
+_HIGH_WATER_BYTES = 256 * 1024
+_LOW_WATER_BYTES = 64 * 1024
+# SECURITY: llhttp sets no limit on a head; without one an upstream streaming header lines
+# (or endless 1xx responses) grows our memory. nginx's default is 4-8 KiB; aiohttp's 8 KiB
+# a line.
+_MAX_HEAD_BYTES = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _SURROGATE = "surrogateescape"  # as aiohttp decodes header bytes: lossless, and the same
 
 
 class _BytesAfterResponseError(Exception):
     """Raised inside the parser to stop it at a second message we never asked for."""
+
+
+class _HeadTooLargeError(Exception):
+    """Raised inside the parser when a head's fields pass ``_MAX_HEAD_BYTES``."""
 
 
 class Http1Connection(asyncio.Protocol):
@@ -49,8 +58,10 @@ class Http1Connection(asyncio.Protocol):
         "_drain_waiter",
         "_exc",
         "_got_bytes",
+        "_head_bytes",
         "_head_done",
         "_head_request",
+        "_header_bytes",
         "_headers",
         "_informational",
         "_keep_alive",
@@ -105,6 +116,8 @@ class Http1Connection(asyncio.Protocol):
         self._content_length: int | None = None
         self._chunked = False
         self._connection_tokens: frozenset[bytes] = frozenset()
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._header_bytes = 0  # bytes of the current message's fields
         self._head_done = False
         self._complete = False
         self._close_delimited = False
@@ -264,6 +277,8 @@ class Http1Connection(asyncio.Protocol):
             while self._write_paused and not self.closed:
                 self._drain_waiter = self._loop.create_future()
                 await self._drain_waiter
+        if self.closed:
+            return
         if declared_bytes is None:
             transport.write(CHUNKED_END)
         elif sent_bytes != declared_bytes:
@@ -280,8 +295,8 @@ class Http1Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if not self._active:
@@ -289,19 +304,28 @@ class Http1Connection(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        if not self._head_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(MalformedResponseError("the upstream switched protocols"))
+            return
         except httptools.HttpParserError as exc:
             if self._complete:  # more than the framing announced: never reuse
                 self._keep_alive = False
                 if self._transport is not None:
                     self._transport.abort()
+            elif isinstance(exc.__context__, _HeadTooLargeError):
+                self._fail(MalformedResponseError("the upstream's response head is too large"))
             else:
                 error = MalformedResponseError("the upstream sent a malformed response")
                 error.__cause__ = exc
                 self._fail(error)
+            return
+        if not self._head_done and self._head_bytes > _MAX_HEAD_BYTES:
+            # A field still incomplete: httptools buffers it before calling on_header.
+            self._fail(MalformedResponseError("the upstream's response head is too large"))
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost decides what the EOF meant
@@ -344,6 +368,7 @@ class Http1Connection(asyncio.Protocol):
             raise _BytesAfterResponseError
         if self._informational:  # the final response follows an interim one
             self._informational = False
+            self._header_bytes = 0
             self._reason = b""
             self._headers = []
             self._content_length = None
@@ -356,8 +381,11 @@ class Http1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
             return  # a trailer field (RFC 9112 §7.1.2): framing only, not forwarded
-        self._headers.append((name.decode("utf-8", _SURROGATE), value.decode("utf-8", _SURROGATE)))
         size = len(name)
+        self._header_bytes += size + len(value) + 4
+        if self._header_bytes > _MAX_HEAD_BYTES:
+            raise _HeadTooLargeError
+        self._headers.append((name.decode("utf-8", _SURROGATE), value.decode("utf-8", _SURROGATE)))
         if size == 14 and name.lower() == b"content-length":
             self._content_length = int(value)  # llhttp has validated it
         elif size == 17 and name.lower() == b"transfer-encoding":

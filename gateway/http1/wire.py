@@ -21,7 +21,8 @@ CHUNKED_END = b"0\r\n\r\n"
 def build_authority(host: str, port: int) -> bytes:
     """The ``Host`` value for an origin: RFC 9110 §7.2, brackets around an IPv6 literal."""
     name = f"[{host}]" if ":" in host else host
-    return (name if port == 80 else f"{name}:{port}").encode("idna")
+    encoded = name.encode("ascii") if name.isascii() else name.encode("idna")
+    return encoded if port == 80 else b"%s:%d" % (encoded, port)
 
 
 def build_head(

@@ -36,11 +36,16 @@ class RawConn:
     writer: asyncio.StreamWriter
 
     async def read_request(self) -> RawRequest | None:
-        """The next request on this connection, or ``None`` at EOF."""
+        """The next whole request on this connection, or ``None`` if the client closed first."""
         try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            return await self._read_request()
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
+        except ValueError:  # a chunk-size line cut short by the close
+            return None
+
+    async def _read_request(self) -> RawRequest:
+        head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
         headers = [
@@ -91,6 +96,7 @@ class RawServer:
     connections: int = 0
     requests: list[RawRequest] = field(default_factory=list)
     closed_connections: int = 0
+    errors: list[BaseException] = field(default_factory=list)  # a script that failed
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _conns: list[RawConn] = field(default_factory=list)
@@ -115,6 +121,8 @@ class RawServer:
         self._tasks.add(task)
         try:
             await asyncio.wait([task])
+            if not task.cancelled() and (error := task.exception()) is not None:
+                self.errors.append(error)
         finally:
             self._tasks.discard(task)
             await conn.close()
@@ -160,6 +168,7 @@ async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[RawServer]]
     yield start
     for server in servers:
         await server.aclose()
+    assert [error for server in servers for error in server.errors] == []
 
 
 @pytest.fixture
