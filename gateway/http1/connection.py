@@ -184,10 +184,13 @@ class Http1Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._active = False
+        if not self._complete and self._exc is None:  # someone may still be reading
+            self._exc = ConnectionAbortedError("the connection was closed by its pool")
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
         if self._transport is not None:
             self._transport.abort()
+        self._wake()
 
     async def wait_closed(self) -> None:
         pending: list[asyncio.Future[None]] = [self._lost]

@@ -215,3 +215,18 @@ async def test_aclose_closes_idle_and_lent_connections(raw_server: StartServer) 
     await server.wait_for(lambda: server.closed_connections == 2)
     with pytest.raises(RuntimeError):
         await send(pool, server)
+
+
+async def test_aclose_fails_a_body_still_being_read(raw_server: StartServer) -> None:
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+
+    server = await raw_server(script)
+    pool = Http1Pool()
+    resp = await send(pool, server)
+    reading = asyncio.create_task(resp.read())
+    await asyncio.sleep(0)  # let it start waiting for the rest
+    await pool.aclose()
+    with pytest.raises(ConnectionAbortedError):
+        await reading
