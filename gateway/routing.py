@@ -36,6 +36,7 @@ class Route:
     timeout: ClientTimeout
     websocket: bool
     identity_headers: tuple[tuple[str, str], ...]
+    identity_header_names: frozenset[str]  # lowercased: stripped from every client request
     max_body_bytes: int | None
     capture: CaptureSettings | None = field(default=None, compare=False)  # a login API
 
@@ -57,6 +58,7 @@ class Route:
             ),
             websocket=settings.websocket,
             identity_headers=tuple(settings.identity_headers.items()),
+            identity_header_names=frozenset(h.lower() for h in settings.identity_headers),
             max_body_bytes=settings.max_body_bytes,
             capture=settings.capture_tokens,
         )

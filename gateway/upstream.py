@@ -112,7 +112,7 @@ class Upstream:
             if "Connection" in incoming
             else (_REQUEST_DROP)
         )
-        identity = {name.lower() for name, _ in route.identity_headers}
+        identity = route.identity_header_names  # built once per route, not per request
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             lname = name.lower()
