@@ -20,6 +20,7 @@ from gateway.auth import Authenticator
 from gateway.bff.login import LoginEndpoints
 from gateway.bff.logout import LogoutEndpoints
 from gateway.errors import MethodNotAllowedError, NotFoundError
+from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
 from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
@@ -48,6 +49,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")  # wall clock; tests move it forw
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
+UPSTREAM_POOL = web.AppKey("upstream_pool", Http1Pool)
 IDP_HTTP = web.AppKey("idp_http", aiohttp.ClientSession)
 DISCOVERY = web.AppKey("discovery", Discovery)
 JWKS = web.AppKey("jwks", JwksCache)
@@ -60,15 +62,17 @@ LOGOUT = web.AppKey("logout", LogoutEndpoints)
 CAPTURE = web.AppKey("capture", TokenCapture)
 PROXY = web.AppKey("proxy", Proxy)
 
-_UPSTREAM_POOL_LIMIT = 1024
-_UPSTREAM_KEEPALIVE_S = 30.0
-
 
 async def upstream_http(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession per process for every upstream."""
+    """Per process: the HTTP/1.1 pool for plain-http upstreams, and one pooled
+    ClientSession for https upstreams and WebSockets."""
+    settings = app[SETTINGS].upstream
+    pool = None
+    if settings.client == "http1":
+        pool = Http1Pool(limit_per_host=settings.pool_size, idle_timeout_s=settings.idle_timeout_s)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=_UPSTREAM_POOL_LIMIT, keepalive_timeout=_UPSTREAM_KEEPALIVE_S
+            limit_per_host=settings.pool_size, limit=0, keepalive_timeout=settings.idle_timeout_s
         ),
         # SECURITY: a shared jar would replay one user's upstream cookies for the next.
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -76,8 +80,12 @@ async def upstream_http(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
     )
     app[UPSTREAM_HTTP] = session
+    if pool is not None:
+        app[UPSTREAM_POOL] = pool
     yield
     await session.close()
+    if pool is not None:
+        await pool.aclose()
 
 
 async def idp_http(app: web.Application) -> AsyncIterator[None]:
@@ -189,6 +197,7 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     upstream = Upstream(
         app[UPSTREAM_HTTP],
+        app.get(UPSTREAM_POOL),
         app[METRICS],
         max_body_bytes=settings.limits.max_body_bytes,
         own_cookies=frozenset(

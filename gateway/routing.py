@@ -33,7 +33,10 @@ class Route:
     auth: AuthMode
     scopes: frozenset[str]
     strip_prefix: bool
-    timeout: ClientTimeout
+    timeout: ClientTimeout  # for aiohttp's client (https, WebSockets)
+    connect_timeout_s: float
+    read_timeout_s: float
+    origin: tuple[str, int] | None  # (host, port) of a plain-http upstream, else None
     websocket: bool
     identity_headers: tuple[tuple[str, str], ...]
     identity_header_names: frozenset[str]  # lowercased: stripped from every client request
@@ -43,10 +46,11 @@ class Route:
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
         assert settings.name is not None
+        upstream = URL(settings.upstream)
         return cls(
             name=settings.name,
             prefix=settings.prefix,
-            upstream=URL(settings.upstream),
+            upstream=upstream,
             auth=settings.auth,
             scopes=frozenset(settings.scopes),
             strip_prefix=settings.strip_prefix,
@@ -56,6 +60,9 @@ class Route:
                 sock_connect=settings.connect_timeout_s,
                 sock_read=settings.read_timeout_s,
             ),
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+            origin=_plain_origin(upstream),
             websocket=settings.websocket,
             identity_headers=tuple(settings.identity_headers.items()),
             identity_header_names=frozenset(h.lower() for h in settings.identity_headers),
@@ -77,6 +84,12 @@ class Route:
             path = path[len(self.prefix) :] or "/"
         base = self.upstream.raw_path.rstrip("/")
         return base + path
+
+
+def _plain_origin(upstream: URL) -> tuple[str, int] | None:
+    if upstream.scheme != "http" or upstream.host is None:
+        return None
+    return upstream.host, upstream.port or 80
 
 
 def parse_path(raw_path: str) -> str:

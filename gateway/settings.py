@@ -363,6 +363,16 @@ class LogSettings(Section):
     log_subject: bool = False  # default: a hash of the subject, not the subject
 
 
+class UpstreamClientSettings(Section):
+    # http1: our llhttp keep-alive pool for http:// upstreams (https:// and WebSockets always
+    # use aiohttp's client); aiohttp: aiohttp's client for everything, the fallback.
+    client: Literal["http1", "aiohttp"] = "http1"
+    pool_size: int = Field(1024, ge=1)  # connections per upstream host (per worker)
+    # Below the upstream's own keep-alive timeout, or a reused connection can meet its close
+    # (Node's default is 5 s, nginx's 75 s, Go's none). A replayable request is retried once.
+    idle_timeout_s: float = Field(4.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENGATE_",
@@ -376,6 +386,7 @@ class Settings(BaseSettings):
     public_url: str = "http://localhost:8080"
     workers: int = Field(1, ge=1, le=64)
     limits: LimitsSettings = LimitsSettings()
+    upstream: UpstreamClientSettings = UpstreamClientSettings()
     oidc: OidcSettings = OidcSettings()
     refresh: RefreshSettings = RefreshSettings()
     session: SessionSettings = SessionSettings()

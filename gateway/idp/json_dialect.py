@@ -187,7 +187,7 @@ class JsonDialect:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                raw = await read_limited(resp.content, MAX_JSON_REPLY_BYTES)
+                raw = await read_limited(resp.content.iter_any(), MAX_JSON_REPLY_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # SECURITY: the exception's text may carry the URL; only its type is logged.
             log.warning("idp_call_failed", extra={"call": call, "error_type": type(exc).__name__})

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
-
-import aiohttp
 
 # "absent" and "null" differ to a caller that must tell a missing field from a JSON null.
 MISSING: Any = object()
 MAX_JSON_REPLY_BYTES = 1024 * 1024  # a token reply is a few KiB; more is not one
 
 
-async def read_limited(content: aiohttp.StreamReader, limit_bytes: int) -> bytes | None:
+async def read_limited(chunks_in: AsyncIterable[bytes], limit_bytes: int) -> bytes | None:
     """The whole body, or None once it exceeds ``limit_bytes``."""
     chunks: list[bytes] = []
     received = 0
-    async for chunk in content.iter_any():
+    async for chunk in chunks_in:
         received += len(chunk)
         if received > limit_bytes:
             return None

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -39,7 +38,7 @@ from gateway.sessions.cookie import SessionCookies, new_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session, SessionStore
 from gateway.settings import CaptureSettings, JsonResponsePaths
-from gateway.upstream import HOP_BY_HOP, connection_tokens
+from gateway.upstream import HOP_BY_HOP, UpstreamReply, connection_tokens, header_values
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class TokenCapture:
         self,
         request: web.Request,
         route: Route,
-        upstream_response: aiohttp.ClientResponse,
+        upstream_response: UpstreamReply,
         settings: CaptureSettings,
     ) -> web.StreamResponse:
         """The upstream's reply for the browser: tokens out, a session cookie in when the
@@ -150,31 +149,29 @@ class TokenCapture:
             log.info("login", extra={"result": "success", "via": "capture", "route": route.name})
         return response
 
-    async def _read(self, upstream: aiohttp.ClientResponse) -> bytes:
-        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    async def _read(self, upstream: UpstreamReply) -> bytes:
+        encodings = header_values(upstream.headers, "content-encoding")
+        if any(e.strip().lower() != "identity" for e in encodings):
+            # SECURITY: we asked for identity; an encoded reply could carry tokens we
+            # cannot see, so it does not reach the browser.
+            upstream.close()
+            raise UpstreamUnavailableError("the login reply is encoded; it cannot be read")
         try:
-            if encoding != "identity":
-                # SECURITY: we asked for identity; an encoded reply could carry tokens we
-                # cannot see, so it does not reach the browser.
-                raise UpstreamUnavailableError("the login reply is encoded; it cannot be read")
-            raw = await read_limited(upstream.content, MAX_JSON_REPLY_BYTES)
+            raw = await read_limited(upstream.iter_chunks(), MAX_JSON_REPLY_BYTES)
         except TimeoutError as exc:
             raise UpstreamTimeoutError() from exc
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             raise UpstreamUnavailableError() from exc
-        finally:
-            upstream.release()
         if raw is None:
+            upstream.close()  # the rest is unread
             raise UpstreamUnavailableError("the login reply is too large")
         return raw
 
-    def _headers(
-        self, upstream: aiohttp.ClientResponse, tokens: frozenset[str]
-    ) -> CIMultiDict[str]:
-        drop = _DROP | connection_tokens(upstream.headers)
+    def _headers(self, upstream: UpstreamReply, tokens: frozenset[str]) -> CIMultiDict[str]:
+        drop = _DROP | connection_tokens(header_values(upstream.headers, "connection"))
         return CIMultiDict(
             (name, value)
-            for name, value in upstream.headers.items()
+            for name, value in upstream.headers
             if name.lower() not in drop
             and not (name.lower() == "set-cookie" and self._forbidden_cookie(value))
             # SECURITY: a token echoed in a header (X-Access-Token) is a token all the same.

@@ -14,13 +14,26 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.app import build_app
-from gateway.settings import parse_settings
+from gateway.settings import Settings, parse_settings
 from tests.conftest import base_config
 from tests.fakes.issuer import FakeIssuer
 from tests.fakes.upstream import FakeUpstream
 
 Gateway = TestClient[Any, Any]
 Upstream = tuple[FakeUpstream, str]
+
+
+# Every test here runs through both upstream clients: our HTTP/1.1 pool and aiohttp's.
+@pytest.fixture(params=["http1", "aiohttp"])
+def upstream_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(issuer: FakeIssuer, upstream: Upstream, upstream_client: str) -> Settings:
+    return parse_settings(
+        base_config(issuer.url, upstream[1], upstream={"client": upstream_client})
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -189,8 +202,10 @@ async def test_upload_and_download_stream_without_buffering(
     assert peak_rss_bytes() - before < 64 * 1024 * 1024
 
 
-async def test_upstream_refused_is_502(aiohttp_client: Any, issuer: FakeIssuer) -> None:
-    config = base_config(issuer.url, "http://127.0.0.1:1")
+async def test_upstream_refused_is_502(
+    aiohttp_client: Any, issuer: FakeIssuer, upstream_client: str
+) -> None:
+    config = base_config(issuer.url, "http://127.0.0.1:1", upstream={"client": upstream_client})
     client = await aiohttp_client(build_app(parse_settings(config)))
     resp = await client.get("/public/x")
     assert resp.status == 502

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,9 +13,7 @@ from gateway.http1 import (
     IncompleteResponseError,
     ServerDisconnectedError,
 )
-from tests.unit.http1.conftest import RawConn, RawServer, Script
-
-StartServer = Callable[[Script], Awaitable[RawServer]]
+from tests.fakes.raw_http import RawConn, StartServer
 
 
 async def send(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 
 from gateway.http1 import (
@@ -12,9 +10,14 @@ from gateway.http1 import (
     IncompleteResponseError,
     MalformedResponseError,
 )
-from tests.unit.http1.conftest import RawConn, RawServer, Script, respond_forever
-
-StartServer = Callable[[Script], Awaitable[RawServer]]
+from tests.fakes.raw_http import (
+    MALFORMED_RESPONSES,
+    SWITCHING_PROTOCOLS,
+    RawConn,
+    RawServer,
+    StartServer,
+    respond_forever,
+)
 
 
 async def send(
@@ -236,16 +239,7 @@ async def test_premature_eof_raises_incomplete_response(
     assert isinstance(IncompleteResponseError(), ConnectionError)
 
 
-@pytest.mark.parametrize(
-    "response",
-    [
-        b"HTTP/1.1 abc OK\r\n\r\n",
-        b"NOT HTTP AT ALL\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-    ],
-)
+@pytest.mark.parametrize("response", [*MALFORMED_RESPONSES, SWITCHING_PROTOCOLS])
 async def test_malformed_or_ambiguous_responses_raise(
     pool: Http1Pool, raw_server: StartServer, response: bytes
 ) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.http1 import Http1Pool, Http1Response
 from gateway.http1.wire import build_authority
-from tests.unit.http1.conftest import RawConn, RawServer, Script, respond_forever
+from tests.fakes.raw_http import RawConn, RawServer, StartServer, respond_forever
 
-StartServer = Callable[[Script], Awaitable[RawServer]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 

@@ -11,9 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.http1 import Http1Pool
-from tests.unit.http1.conftest import RawConn, RawServer, Script
+from tests.fakes.raw_http import RawConn, StartServer
 
-StartServer = Callable[[Script], Awaitable[RawServer]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
