@@ -48,6 +48,7 @@ Clock = Callable[[], float]
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")  # wall clock; tests move it forward
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 UPSTREAM_POOL = web.AppKey("upstream_pool", Http1Pool)
 IDP_HTTP = web.AppKey("idp_http", aiohttp.ClientSession)
@@ -61,6 +62,12 @@ LOGIN = web.AppKey("login", LoginEndpoints)
 LOGOUT = web.AppKey("logout", LogoutEndpoints)
 CAPTURE = web.AppKey("capture", TokenCapture)
 PROXY = web.AppKey("proxy", Proxy)
+
+
+async def access_log(app: web.Application) -> AsyncIterator[None]:
+    """The access log's batch: whatever is still pending is written on the way out."""
+    yield
+    app[ACCESS_LOG].close()
 
 
 async def upstream_http(app: web.Application) -> AsyncIterator[None]:
@@ -259,7 +266,8 @@ def build_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     metrics = metrics or Metrics()
-    ingress = Ingress(settings.limits, settings.log, metrics, AccessLog(settings.log))
+    access = AccessLog(settings.log)
+    ingress = Ingress(settings.limits, settings.log, metrics, access)
     app = web.Application(
         middlewares=[ingress.middleware],
         handler_args=aiohttp_parser_limits(settings.limits),
@@ -269,7 +277,10 @@ def build_app(
     app[CLOCK] = clock
     app[METRICS] = metrics
     app[READINESS] = readiness or Readiness()
-    app.cleanup_ctx.extend((upstream_http, idp_http, token_keys, session_store, sessions, proxy))
+    app[ACCESS_LOG] = access
+    app.cleanup_ctx.extend(
+        (access_log, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
+    )
     app.on_response_prepare.append(set_request_id_header)
     if settings.uses_sessions:
         add_auth_routes(app, oidc_login=settings.uses_oidc_login)

@@ -19,7 +19,6 @@ class RequestContext:
     route: str = "-"
     path: str | None = None  # normalised, once routing has run
     auth_mode: str = "-"
-    subject_hash: str | None = None
     subject: str | None = None
     upstream_s: float | None = None
     outcome: str = "ok"

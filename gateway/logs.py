@@ -9,6 +9,8 @@ line anyway is replaced before the line is written.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import json
 import logging
 import re
@@ -16,7 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from gateway.context import current
+from gateway.context import RequestContext, current
 from gateway.settings import LogSettings
 
 # SECURITY: shapes of credentials: JWS/JWE compact serialisations, Bearer values, cookies.
@@ -100,59 +102,98 @@ def configure_logging(settings: LogSettings) -> None:
 
 
 class AccessLog:
-    """One line per request, built directly (no LogRecord) and written in batches once per
-    event-loop iteration: the access line is the only logging on the hot path, and the
-    profile showed the logging machinery costing a quarter of a request's CPU.
+    """One line per request, built as text directly (no LogRecord, no dict) and written in
+    batches: at most every ``flush_after_s``, or at once when ``_MAX_PENDING`` lines wait.
+    The access line is the only logging on the hot path; written per request, it cost 10 %
+    of the throughput (``bench/run.py --no-access-log`` against the default).
 
     Fields are structured values we chose; only the path can carry client text, and it is
-    redacted when it looks like it holds a credential.
+    redacted when it looks like it holds a credential. ``close()`` (the app's cleanup)
+    writes what is still pending.
     """
 
-    def __init__(self, settings: LogSettings, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, settings: LogSettings, stream: TextIO | None = None, *, flush_after_s: float = 0.1
+    ) -> None:
         self._stream = stream
         self._json = settings.format == "json"
+        self._log_subject = settings.log_subject
+        self._flush_after_s = flush_after_s
         self._pending: list[str] = []
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
 
-    def write(self, request_id: str, route: str, fields: dict[str, object]) -> None:
+    def write(
+        self, ctx: RequestContext, method: str, path: str, status: int, duration_s: float
+    ) -> None:
         now = time.time()
         second = int(now)
         if second != self._second:  # formatting a timestamp costs more than the rest
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         stamp = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
-        path = fields.get("path")
-        if isinstance(path, str) and _MAY_HOLD_CREDENTIAL.search(path):
-            fields["path"] = redact(path)
+        if _MAY_HOLD_CREDENTIAL.search(path):
+            path = redact(path)
+        subject = ctx.subject
         if self._json:
-            line = json.dumps(
-                {
-                    "time": stamp,
-                    "level": "info",
-                    "logger": "tokengate.access",
-                    "event": "access",
-                    "request_id": request_id,
-                    "route": route,
-                    **fields,
-                },
-                separators=(",", ":"),
-                default=str,
+            line = (
+                f'{{"time":"{stamp}","level":"info","logger":"tokengate.access",'
+                f'"event":"access","request_id":{_quote(ctx.request_id)},'
+                f'"route":{_quote(ctx.route)},"method":{_quote(method)},'
+                f'"path":{_quote(path)},"status":{status},"duration_ms":{duration_s * 1000:.3f},'
+                f'"auth":{_quote(ctx.auth_mode)},"outcome":{_quote(ctx.outcome)}'
             )
+            if ctx.upstream_s is not None:
+                line += f',"upstream_ms":{ctx.upstream_s * 1000:.3f}'
+            if subject is not None:
+                if self._log_subject:
+                    line += f',"subject":{_quote(subject)}'
+                else:
+                    line += f',"subject_hash":"{hash_subject(subject)}"'
+            line += "}"
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-            line = f"{stamp} INFO    tokengate.access access request_id={request_id} {pairs}"
-        self._pending.append(line)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            line = (
+                f"{stamp} INFO    tokengate.access access request_id={ctx.request_id} "
+                f"route={ctx.route} method={method} path={path} status={status} "
+                f"duration_ms={duration_s * 1000:.3f} auth={ctx.auth_mode} outcome={ctx.outcome}"
+            )
+            if ctx.upstream_s is not None:
+                line += f" upstream_ms={ctx.upstream_s * 1000:.3f}"
+            if subject is not None:
+                line += (
+                    f" subject={subject}"
+                    if self._log_subject
+                    else f" subject_hash={hash_subject(subject)}"
+                )
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= _MAX_PENDING:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_after_s, self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._pending:
             return
         stream = self._stream or sys.stderr
         stream.write("\n".join(self._pending) + "\n")
         stream.flush()
         self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+
+
+_MAX_PENDING = 512
+# json.dumps of one string, without the generic machinery around it.
+_quote = json.encoder.encode_basestring_ascii
+
+
+@functools.lru_cache(maxsize=4096)
+def hash_subject(subject: str) -> str:
+    """Who, without saying who: enough to follow one user through the log."""
+    return hashlib.sha256(subject.encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""The benchmark harness (bench/run.py --smoke) starts every target and each answers 200s."""
+"""The benchmark harness (bench/run.py --smoke) starts every target and each answers 200s;
+its small refresh storm gets every request answered 200 with one refresh grant."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import pytest
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
-        not (shutil.which("nginx", path="/usr/sbin:/usr/bin") and shutil.which("wrk")),
-        reason="needs nginx and wrk from Debian (apt-get install nginx-light wrk)",
+        not (
+            shutil.which("nginx", path="/usr/sbin:/usr/bin")
+            and shutil.which("wrk")
+            and shutil.which("redis-server", path="/usr/bin")
+        ),
+        reason="needs nginx, wrk and redis-server (apt-get install nginx-light wrk redis-server)",
     ),
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SMOKE_TARGETS = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold")
+SMOKE_TARGETS = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold", "tg-session")
+STORM = "tg-refresh-storm"
 TIMEOUT_S = 90
 
 
@@ -63,3 +69,9 @@ def test_smoke_run_gets_200s_from_every_target() -> None:
         assert target in rows, f"no row for {target} in:\n{stdout}"
         assert rows[target][-1] == "0", f"{target} had errors: {rows[target]}"
         assert float(rows[target][2].replace(",", "")) > 0, f"{target}: no req/s"
+    storm = rows.get(STORM)
+    assert storm is not None, f"no refresh-storm row in:\n{stdout}"
+    requests, answered_200, grants = storm[2:5]
+    assert int(requests) > 0
+    assert answered_200 == requests, f"not every storm request got a 200: {storm}"
+    assert grants == "1", f"a storm round must make exactly one refresh grant: {storm}"
