@@ -136,6 +136,9 @@ class AccessLog:
         if _MAY_HOLD_CREDENTIAL.search(path):
             path = redact(path)
         subject = ctx.subject
+        subject_key = "subject"
+        if subject is not None and not self._log_subject:
+            subject_key, subject = "subject_hash", hash_subject(subject)
         if self._json:
             line = (
                 f'{{"time":"{stamp}","level":"info","logger":"tokengate.access",'
@@ -147,10 +150,7 @@ class AccessLog:
             if ctx.upstream_s is not None:
                 line += f',"upstream_ms":{ctx.upstream_s * 1000:.3f}'
             if subject is not None:
-                if self._log_subject:
-                    line += f',"subject":{_quote(subject)}'
-                else:
-                    line += f',"subject_hash":"{hash_subject(subject)}"'
+                line += f',"{subject_key}":{_quote(subject)}'
             line += "}"
         else:
             line = (
@@ -161,11 +161,7 @@ class AccessLog:
             if ctx.upstream_s is not None:
                 line += f" upstream_ms={ctx.upstream_s * 1000:.3f}"
             if subject is not None:
-                line += (
-                    f" subject={subject}"
-                    if self._log_subject
-                    else f" subject_hash={hash_subject(subject)}"
-                )
+                line += f" {subject_key}={subject}"
         pending = self._pending
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
