@@ -127,6 +127,24 @@ def wait_until_ready(proc: Proc, url: str, deadline_s: float = 30.0) -> None:
         time.sleep(0.05)  # polling interval, not a wait for readiness
 
 
+def wait_for_redis(proc: Proc, port: int, deadline_s: float = 10.0) -> None:
+    """Poll a loopback redis-server with PING until it answers PONG."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if proc.popen.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((LOOPBACK, port), timeout=1.0) as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{proc.name} no PONG after {deadline_s}s:\n{proc.log_tail()}")
+        time.sleep(0.05)  # polling interval
+
+
 def http_get(
     url: str, headers: Mapping[str, str] | None = None, timeout_s: float = 5.0
 ) -> tuple[int, bytes]:

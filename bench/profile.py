@@ -2,10 +2,11 @@
 
     python bench/profile.py                        # tg-bearer-warm, 200b, 10 s
     python bench/profile.py --target tg-none --native --seconds 20 --keep /tmp/prof.txt
+    python bench/profile.py --target tg-session
 
-Starts the origin, the issuer and the target as ``run.py`` does, loads it with wrk
-(-t2 -c64) and samples it with ``py-spy record --format raw`` meanwhile. Prints the
-functions with the most samples on top of the stack (self) and anywhere in it
+Starts the origin, the issuer, Redis and its sessions, and the target as ``run.py`` does,
+loads it with wrk (-t2 -c64) and samples it with ``py-spy record --format raw`` meanwhile.
+Prints the functions with the most samples on top of the stack (self) and anywhere in it
 (inclusive), as % of the samples taken. Needs ``pip install py-spy`` in the virtualenv.
 """
 
@@ -66,14 +67,21 @@ def main() -> int:
     if py_spy is None:
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 2
-    target = BY_NAME[args.target]
+    target = BY_NAME.get(args.target)
+    if target is None or not target.wrk:
+        print(f"{args.target}: not a wrk target", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="tokengate-profile-") as tmp:
         procs = Processes(Path(tmp))
         try:
             lab = Lab(Path(tmp), procs, access_log=True)
             lab.start_origin()
             if "issuer" in target.needs:
-                lab.start_issuer(cold_tokens=12_000)
+                cold = 12_000 if target.client == "bearer-cold" else 0
+                lab.start_issuer(cold_tokens=cold, token_latency_ms=0)
+            if "redis" in target.needs:
+                lab.start_redis()
+                lab.seed_sessions(1000)
             run = lab.start([target], tag="profile")[target.name]
             assert run.proc is not None
             lab.probe(run, args.body)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from seed import Footprint
+from storm import MARGIN_MS, StormRound
 from wrk import WrkResult
 
 
@@ -174,6 +176,94 @@ def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, refere
                 str(sum(r.wrk.errors for r in target_runs)),
             ]
         )
+    return table(header, rows)
+
+
+def storm_table(rounds: Sequence[StormRound], target: str) -> str:
+    """One row per round, then ``all``: counts summed, times the median over rounds (max:
+    the largest), and whether every round met p99 <= IdP token latency + the margin."""
+    header = [
+        "round",
+        "target",
+        "requests",
+        "200s",
+        "refresh grants",
+        "IdP token ms",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "no-refresh p99 ms",
+        "p99 - IdP ms",
+        f"p99 <= IdP + {MARGIN_MS:.0f} ms",
+        "errors",
+    ]
+
+    def verdict(value: bool | None) -> str:
+        return "-" if value is None else ("yes" if value else "NO")
+
+    def over_idp(r: StormRound) -> float | None:
+        idp = r.idp_latency_ms
+        return None if idp is None else r.percentile(99) - idp
+
+    rows = [
+        [
+            str(r.round + 1),
+            target,
+            str(r.requests),
+            str(r.ok),
+            str(r.grants),
+            fmt(r.idp_latency_ms, 1),
+            fmt(r.percentile(50), 1),
+            fmt(r.percentile(99), 1),
+            fmt(r.percentile(100), 1),
+            fmt(r.baseline_p99_ms, 1),
+            fmt(over_idp(r), 1),
+            verdict(r.within_target),
+            str(r.requests - r.ok),
+        ]
+        for r in rounds
+    ]
+    if len(rounds) > 1:
+        verdicts = [r.within_target for r in rounds]
+        rows.append(
+            [
+                "all",
+                target,
+                str(sum(r.requests for r in rounds)),
+                str(sum(r.ok for r in rounds)),
+                str(sum(r.grants for r in rounds)),
+                fmt(median([r.idp_latency_ms for r in rounds]), 1),
+                fmt(median([r.percentile(50) for r in rounds]), 1),
+                fmt(median([r.percentile(99) for r in rounds]), 1),
+                fmt(max(r.percentile(100) for r in rounds), 1),
+                fmt(median([r.baseline_p99_ms for r in rounds]), 1),
+                fmt(median([over_idp(r) for r in rounds]), 1),
+                verdict(None if None in verdicts else all(verdicts)),
+                str(sum(r.requests - r.ok for r in rounds)),
+            ]
+        )
+    return table(header, rows)
+
+
+def sessions_table(footprint: Footprint) -> str:
+    """What one bench session costs Redis."""
+    f = footprint
+    header = ["what", "key", "bytes"]
+    rows = [
+        ["session HASH, MEMORY USAGE", f"`{f.session_key}`", f"{f.session_bytes:,}"],
+        ["subject index SET, MEMORY USAGE", f"`{f.index_key}`", f"{f.index_bytes:,}"],
+        [
+            f"used_memory growth / session ({f.sessions:,} seeded)",
+            "all keys",
+            f"{f.used_memory_per_session:,.0f}",
+        ],
+        ["session JSON, sealed (in the HASH)", "", f"{f.json_bytes:,} / {f.sealed_bytes:,}"],
+        [
+            "access token / refresh token",
+            "",
+            f"{f.access_token_bytes:,} / {f.refresh_token_bytes:,}",
+        ],
+    ]
     return table(header, rows)
 
 

@@ -5,9 +5,11 @@ aiohttp proxy (the floor), all on loopback, in interleaved rounds.
     python bench/run.py --rounds 5 --results bench/RESULTS.md
     python bench/run.py --smoke               # seconds; asserts every target answers 200
 
-Sections: throughput per body size (-t2 -c64), added latency at one connection (-t1 -c1)
-and scaling (workers 1 and 2, RSS per worker after --rss-requests). What a target is lives
-in targets.py; starting it in servers.py; tables in report.py. See bench/README.md.
+Sections: throughput per body size (-t2 -c64), added latency at one connection (-t1 -c1),
+the refresh storm (concurrent requests on one expired session, storm.py), what a session
+costs Redis, and scaling (workers 1 and 2, RSS per worker after --rss-requests). What a
+target is lives in targets.py; starting it in servers.py; sessions in seed.py; tables in
+report.py. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -39,11 +41,18 @@ from report import (
     latency_table,
     render,
     scaling_table,
+    sessions_table,
+    storm_table,
     throughput_table,
 )
+from seed import Footprint
 from servers import Lab, Running
-from targets import BY_NAME, LATENCY, TARGETS, THROUGHPUT
+from storm import MARGIN_MS, StormRound, fire, issuer_stats, storm_round
+from targets import BY_NAME, LATENCY, TARGETS, THROUGHPUT, Target
 from wrk import run_wrk
+
+STORM_TARGET = "tg-refresh-storm"
+STORM_BODY = "200b"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +71,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--skip-storm", action="store_true", help="leave out the refresh storm")
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=1000,
+        help="sessions seeded in Redis for tg-session (default 1000)",
+    )
+    p.add_argument("--storm-rounds", type=int, default=5, help="refresh-storm rounds (default 5)")
+    p.add_argument(
+        "--storm-requests",
+        type=int,
+        default=200,
+        help="concurrent requests per refresh-storm round (default 200)",
+    )
+    p.add_argument(
+        "--token-latency-ms",
+        type=float,
+        default=50.0,
+        help="the issuer's artificial delay per /token answer (default 50)",
+    )
     p.add_argument("--scaling-target", default="tg-bearer-warm")
     p.add_argument(
         "--rss-requests",
@@ -84,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.connections = 1, 1, 0, 8
-        args.bodies, args.cold_tokens = "200b", 64
+        args.bodies, args.cold_tokens, args.sessions = "200b", 64, 64
+        args.storm_rounds, args.storm_requests = 1, 20
         args.skip_latency = args.skip_scaling = True
     args.bodies = args.bodies.split(",")
     args.targets = args.targets.split(",")
@@ -93,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown target {name}; known: {', '.join(BY_NAME)}")
         if not BY_NAME[name].ready:
             p.error(f"{name}: {BY_NAME[name].note}")
+        if not BY_NAME[name].wrk:
+            p.error(f"{name} is not a wrk target: it has its own section (see --skip-storm)")
+    if args.sessions < 1 or args.storm_rounds < 1 or args.storm_requests < 1:
+        p.error("--sessions, --storm-rounds and --storm-requests must be at least 1")
     if any(body not in nginx.BODIES for body in args.bodies):
         p.error(f"--bodies: choose from {', '.join(nginx.BODIES)}")
     return args
@@ -108,13 +142,32 @@ class Bench:
         self.lab = lab
         self.sent: dict[str, int] = {}  # requests sent to each started target
         self.errors = 0  # non-2xx answers and socket errors, over every run
+        self.failures: list[str] = []  # checks that failed besides status codes
+
+    def needed(self) -> list[Target]:
+        """Every target this run will start, whatever section it is in."""
+        args = self.args
+        names = list(args.targets)
+        if not args.skip_latency:
+            names += LATENCY
+        if not args.skip_scaling:
+            names.append(args.scaling_target)
+        if not args.skip_storm:
+            names.append(STORM_TARGET)
+        return [BY_NAME[n] for n in dict.fromkeys(names)]
 
     def run(self) -> str:
         args, lab = self.args, self.lab
         lab.start_origin()
         selected = [BY_NAME[n] for n in args.targets]
-        if any("issuer" in t.needs for t in [*selected, BY_NAME[args.scaling_target]]):
-            lab.start_issuer(args.cold_tokens)
+        needed = self.needed()
+        footprint: Footprint | None = None
+        if any("issuer" in t.needs for t in needed):
+            cold = any(t.client == "bearer-cold" for t in needed)
+            lab.start_issuer(args.cold_tokens if cold else 0, args.token_latency_ms)
+        if any("redis" in t.needs for t in needed):
+            lab.start_redis()
+            footprint = lab.seed_sessions(args.sessions)
         sections = []
         by_body: dict[str, Runs] = {}
         peak: dict[tuple[str, str], int] = {}
@@ -147,6 +200,16 @@ class Bench:
                 (
                     f"Latency at one connection (wrk -t1 -c1, body {args.bodies[0]})",
                     latency_table(latency, args.bodies[0]),
+                )
+            )
+        if not args.skip_storm:
+            sections.append(self.storm())
+        if footprint is not None:
+            sections.append(
+                (
+                    "Sessions in Redis (bench sessions: access + refresh token, no ID token, "
+                    f"one claim; {self.lab.redis_version()})",
+                    sessions_table(footprint),
                 )
             )
         if not args.skip_scaling:
@@ -206,7 +269,7 @@ class Bench:
         )
         cpu_s = tree_cpu_s(pid) - before if pid and before is not None else None
         if result.next_index is not None:
-            self.lab.advance_cold_cursor(result.next_index)
+            self.lab.advance_cursor(run.target, result.next_index)
         self.sent[run.target.name] = self.sent.get(run.target.name, 0) + result.requests
         self.errors += result.errors
         return Run(run.target.name, round_, result, cpu_s)
@@ -253,6 +316,52 @@ class Bench:
             hwm_kib=tuple(status_kib(p, "VmHWM") for p in workers),
         )
 
+    def storm(self) -> tuple[str, str]:
+        """Rounds of concurrent requests on a session whose access token has expired."""
+        args, lab = self.args, self.lab
+        target, n = BY_NAME[STORM_TARGET], args.storm_requests
+        running = lab.start([target], tag="storm")
+        rounds: list[StormRound] = []
+        try:
+            run = running[target.name]
+            lab.probe(run, STORM_BODY)
+            url = run.url(STORM_BODY)
+            assert lab.issuer_url is not None
+            # A valid session to open the connections with, then a new expired one a round.
+            warm_cookie = lab.seed_session("storm-warm", expired=False)
+            for i in range(args.storm_rounds):
+                cookie = lab.seed_session(f"storm-user-{i}", expired=True)
+                before = issuer_stats(lab.issuer_url)
+                valid, baseline, storm = fire(
+                    url, lab.session_headers(warm_cookie), lab.session_headers(cookie), n
+                )
+                result = storm_round(i, baseline, storm, before, issuer_stats(lab.issuer_url))
+                rounds.append(result)
+                if valid.count(200) != len(valid):
+                    self.failures.append(
+                        f"storm round {i + 1}: the valid session's bursts answered "
+                        f"{sorted(set(valid))}, not all 200"
+                    )
+                self.errors += result.requests - result.ok
+                self.failures += [f"storm round {i + 1}: {p}" for p in result.problems]
+                log(
+                    f"[storm {i + 1}/{args.storm_rounds}] {n} requests: {result.ok} x 200, "
+                    f"{result.grants} grant(s), IdP {result.idp_latency_ms or 0:.1f} ms, "
+                    f"p50 {result.percentile(50):.1f} ms  p99 {result.percentile(99):.1f} ms  "
+                    f"max {result.percentile(100):.1f} ms; "
+                    f"no-refresh p99 {result.baseline_p99_ms:.1f} ms"
+                )
+            if self.failures and run.proc is not None:
+                log(run.proc.log_tail())
+        finally:
+            self.stop(running)
+        title = (
+            f"Refresh storm ({n} concurrent requests on one session whose access token has "
+            f"expired, body {STORM_BODY}, {args.storm_rounds} rounds; issuer /token delay "
+            f"{args.token_latency_ms:g} ms; target p99 <= IdP token latency + {MARGIN_MS:.0f} ms)"
+        )
+        return title, storm_table(rounds, target.name)
+
     def stop(self, running: dict[str, Running]) -> None:
         for run in running.values():
             if run.proc is not None:
@@ -282,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         args.results.write_text(report)
     log(f"done in {time.monotonic() - started:.0f}s")
+    for failure in bench.failures:
+        log(f"bench: {failure}")
     if bench.errors:
         log(f"bench: {bench.errors} requests failed (non-2xx or socket errors)")
-        return 1
-    return 0
+    return 1 if bench.errors or bench.failures else 0
 
 
 if __name__ == "__main__":

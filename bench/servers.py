@@ -1,20 +1,26 @@
-"""Starting what a target needs: the origin, the issuer and tokens, and each proxy.
+"""Starting what a target needs: the origin, the issuer and tokens, Redis and sessions,
+and each proxy.
 
 :class:`Lab` owns the run's temp dir and every process in it (through ``Processes``).
-The origin and the issuer live for the whole benchmark; proxies are started per group
-of runs (:meth:`Lab.start`) so each group's peak RSS is its own. :meth:`Lab.client_args`
-says what wrk sends to a target: nothing, one token, or a new token every request.
+The origin, the issuer and Redis live for the whole benchmark; proxies are started per
+group of runs (:meth:`Lab.start`) so each group's peak RSS is its own.
+:meth:`Lab.client_args` says what wrk sends to a target: nothing, one token, a new token
+every request, or a new session cookie every request.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jwt
 import nginx
+import redis
 import yaml
 from issuer import Issuer
 from procs import (
@@ -25,13 +31,18 @@ from procs import (
     free_port,
     http_get,
     listening_sockets,
+    wait_for_redis,
     wait_until_ready,
 )
-from targets import Target, tokengate_config
+from seed import Footprint, new_session, seed, seed_and_measure
+from targets import CSRF_HEADER, SESSION_COOKIE, Target, session_settings, tokengate_config
+
+from gateway.settings import SessionSettings
 
 BENCH_DIR = Path(__file__).resolve().parent
 PICK_HEADER_LUA = BENCH_DIR / "lua" / "pick_header.lua"
 TOKEN_CACHE_SIZE = 10_000  # tokengate's default oidc.token_cache_size, set explicitly
+REDIS_SERVER = "/usr/bin/redis-server"
 
 
 @dataclass
@@ -53,11 +64,16 @@ class Lab:
         self.procs = procs
         self.access_log = access_log
         self.origin_port = 0
+        self.issuer: Issuer | None = None
         self.issuer_url: str | None = None
         self.warm_token = ""
         self.cold_tokens_file = tmp / "tokens.txt"
         self.cold_first = ""
-        self._cold_cursor = 0  # next token index, carried across runs so tokens stay new
+        self.redis_url: str | None = None
+        self.cookies_file = tmp / "cookies.txt"
+        self.first_cookie = ""
+        # Next line of each client's file, carried across runs (bearer-cold: tokens stay new).
+        self._cursors: dict[str, int] = {}
 
     # -- shared fixtures -------------------------------------------------------------
 
@@ -66,10 +82,10 @@ class Lab:
         proc = self.procs.start("origin", nginx.origin_argv(self.tmp / "origin", self.origin_port))
         wait_until_ready(proc, f"http://{LOOPBACK}:{self.origin_port}/200b")
 
-    def start_issuer(self, cold_tokens: int) -> None:
+    def start_issuer(self, cold_tokens: int, token_latency_ms: float) -> None:
         port = free_port()
         self.issuer_url = f"http://{LOOPBACK}:{port}"
-        issuer = Issuer.generate(self.issuer_url)
+        issuer = self.issuer = Issuer.generate(self.issuer_url)
         key = self.tmp / "issuer.pem"
         issuer.write_pem(key)
         argv = [
@@ -79,19 +95,76 @@ class Lab:
             str(key),
             "--port",
             str(port),
+            "--token-latency-ms",
+            str(token_latency_ms),
         ]
         proc = self.procs.start("issuer", argv)
         self.warm_token = issuer.mint("warm-user")
-        started = time.monotonic()
-        tokens = [issuer.mint(f"user-{i}") for i in range(cold_tokens)]
-        self.cold_tokens_file.write_text("\n".join(tokens) + "\n")
-        self.cold_first = tokens[0]
-        print(
-            f"minted {cold_tokens} tokens in {time.monotonic() - started:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        if cold_tokens > 0:
+            started = time.monotonic()
+            tokens = [issuer.mint(f"user-{i}") for i in range(cold_tokens)]
+            self.cold_tokens_file.write_text("\n".join(tokens) + "\n")
+            self.cold_first = tokens[0]
+            _log(f"minted {cold_tokens} tokens in {time.monotonic() - started:.1f}s")
         wait_until_ready(proc, f"{self.issuer_url}/.well-known/openid-configuration")
+
+    def start_redis(self) -> None:
+        """A redis-server on a free loopback port, no persistence, for the session store."""
+        port = free_port()
+        argv = [
+            REDIS_SERVER,
+            *("--port", str(port), "--bind", LOOPBACK),
+            *("--save", "", "--appendonly", "no", "--dir", str(self.tmp)),
+            *("--loglevel", "warning"),
+        ]
+        proc = self.procs.start("redis", argv)
+        wait_for_redis(proc, port)
+        self.redis_url = f"redis://{LOOPBACK}:{port}/0"
+
+    @property
+    def session_settings(self) -> SessionSettings:
+        """The ``session:`` section tokengate runs with, for writing its sessions."""
+        assert self.redis_url is not None
+        return SessionSettings(**session_settings(self.redis_url))
+
+    def seed_sessions(self, count: int) -> Footprint:
+        """``count`` sessions with valid ten-year access tokens (no refresh during the run),
+        one cookie value per line in cookies.txt for wrk."""
+        assert self.issuer is not None
+        started = time.monotonic()
+        sessions = []
+        for i in range(count):
+            subject = f"session-user-{i}"
+            token = self.issuer.mint(subject)
+            sessions.append(new_session(subject, token, _expiry(token), f"rt-bench-{i}"))
+        seeded, footprint = seed_and_measure(self.session_settings, sessions)
+        self.cookies_file.write_text("".join(s.cookie + "\n" for s in seeded))
+        self.first_cookie = seeded[0].cookie
+        _log(f"seeded {count} sessions in Redis in {time.monotonic() - started:.1f}s")
+        return footprint
+
+    def seed_session(self, subject: str, *, expired: bool) -> str:
+        """One new session, its access token valid or expired a minute ago; its cookie."""
+        assert self.issuer is not None
+        lifetime_s = -60 if expired else 3600
+        token = self.issuer.mint(subject, lifetime_s)
+        refresh_token = f"rt-seed-{secrets.token_urlsafe(24)}"  # new to the issuer
+        session = new_session(subject, token, _expiry(token), refresh_token)
+        return seed(self.session_settings, [session])[0].cookie
+
+    def redis_version(self) -> str:
+        assert self.redis_url is not None
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        try:
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+            return f"Redis {info['redis_version']}"
+        finally:
+            client.close()
+
+    @staticmethod
+    def session_headers(cookie: str) -> dict[str, str]:
+        """What a browser's script sends: the cookie and the CSRF header, no Origin."""
+        return {"Cookie": f"{SESSION_COOKIE}={cookie}", CSRF_HEADER: "1"}
 
     # -- targets ---------------------------------------------------------------------
 
@@ -131,6 +204,7 @@ class Lab:
             admin_port=admin_port,
             origin_url=f"http://{LOOPBACK}:{self.origin_port}",
             issuer_url=self.issuer_url if "issuer" in target.needs else None,
+            redis_url=self.redis_url if "redis" in target.needs else None,
             workers=target.workers,
             access_log=self.access_log,
             token_cache_size=TOKEN_CACHE_SIZE,
@@ -172,6 +246,8 @@ class Lab:
             headers["Authorization"] = f"Bearer {self.warm_token}"
         elif run.target.client == "bearer-cold":
             headers["Authorization"] = f"Bearer {self.cold_first}"
+        elif run.target.client in ("session", "refresh-storm"):
+            headers = self.session_headers(self.first_cookie)
         status, data = http_get(run.url(body), headers)
         if status != 200 or len(data) != nginx.BODIES[body]:
             tail = run.proc.log_tail() if run.proc else ""
@@ -186,18 +262,34 @@ class Lab:
             return [], []
         if target.client == "bearer-warm":
             return ["-H", f"Authorization: Bearer {self.warm_token}"], []
+        start = str(self._cursors.get(target.client, 0))
         if target.client == "bearer-cold":
-            start = self._cold_cursor
             return ["-s", str(PICK_HEADER_LUA)], [
                 str(self.cold_tokens_file),
                 "Authorization",
                 "Bearer ",
-                str(start),
+                start,
                 str(threads),
             ]
-        # TODO(session, refresh-storm): cookies.txt + pick_header.lua, see targets.py.
-        raise NotImplementedError(f"client {target.client!r} is not built yet")
+        if target.client == "session":
+            return ["-s", str(PICK_HEADER_LUA), "-H", f"{CSRF_HEADER}: 1"], [
+                str(self.cookies_file),
+                "Cookie",
+                f"{SESSION_COOKIE}=",
+                start,
+                str(threads),
+            ]
+        raise BenchError(f"{target.name}: client {target.client!r} is not a wrk client")
 
-    def advance_cold_cursor(self, next_index: int) -> None:
-        """Continue the next run where this one stopped, so its tokens are new to tokengate."""
-        self._cold_cursor = next_index
+    def advance_cursor(self, target: Target, next_index: int) -> None:
+        """Continue the next run where this one stopped (bearer-cold: tokens new to tokengate)."""
+        self._cursors[target.client] = next_index
+
+
+def _expiry(token: str) -> float:
+    """The ``exp`` of a token we just minted, as the session's access-token expiry."""
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

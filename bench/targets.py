@@ -2,21 +2,14 @@
 
 A target is a server to start (``kind``), a path on it and the credentials wrk sends
 (``client``). Adding a tokengate mode is adding a row here, a route in
-:func:`tokengate_config` and, when the client needs fixtures, a branch in ``run.py``'s
-``Fixtures.client_args``.
+:func:`tokengate_config` and, when the client needs fixtures, a branch in ``servers.py``'s
+``Lab.client_args`` (and ``Lab.probe``).
 
-TODO(session): when tokengate has session mode, flip ``tg-session`` to ``ready=True``:
-  1. fixtures: start ``redis-server --port 0``-style on a free loopback port (the
-     ``needs={"redis"}`` hook in run.py) and create N sessions — through the public
-     login flow against a real IdP, or by writing them with gateway.sessions' store API;
-     write one cookie value per line to ``cookies.txt``;
-  2. client ``session``: ``bench/lua/pick_header.lua`` with HEADER=Cookie,
-     PREFIX="<cookie_name>=" over cookies.txt, plus ``-H "X-CSRF: 1"``;
-  3. the ``/session/`` route below (``auth: session``) and ``session:`` settings.
-TODO(refresh-storm): ``tg-refresh-storm`` = the session target whose sessions hold
-access tokens that expire during the run, with bench/issuer.py answering refresh grants
-at ``/token`` (counting them); assert grants == sessions x expiries, report req/s and
-p99 during the storm.
+Sessions (``tg-session``, ``tg-refresh-storm``) live in a real ``redis-server`` started by
+the driver; :func:`session_settings` is the one ``session:`` section both tokengate and the
+driver's seeding (``seed.py``, through gateway's own store) read, so the keys, the cookie
+and the timeouts agree. ``tg-refresh-storm`` is no wrk target (``wrk=False``): ``run.py``
+runs it as its own section (``storm.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from issuer import AUDIENCE
+from issuer import AUDIENCE, CLIENT_ID
 
 Kind = Literal["origin", "nginx", "floor", "tokengate"]
 Client = Literal["plain", "bearer-warm", "bearer-cold", "session", "refresh-storm"]
@@ -39,6 +32,7 @@ class Target:
     workers: int = 1
     needs: frozenset[str] = field(default_factory=frozenset)  # fixtures: "issuer", "redis"
     ready: bool = True  # False: listed, skipped with ``note``
+    wrk: bool = True  # False: measured in its own section, not by a wrk run
     note: str = ""
 
     @property
@@ -74,8 +68,8 @@ TARGETS: tuple[Target, ...] = (
         "session",
         "/session",
         needs=ISSUER | {"redis"},
-        ready=False,
-        note="not built yet: tokengate has no session mode (TODO in targets.py)",
+        note="session cookie (one of many pre-made sessions per request), Redis store, "
+        "access token valid: no refresh",
     ),
     Target(
         "tg-refresh-storm",
@@ -83,13 +77,31 @@ TARGETS: tuple[Target, ...] = (
         "refresh-storm",
         "/session",
         needs=ISSUER | {"redis"},
-        ready=False,
-        note="not built yet: needs sessions and an issuer /token (TODO in targets.py)",
+        wrk=False,
+        note="concurrent requests on one session whose access token has expired: "
+        "one refresh grant at the issuer, every request 200 (its own section)",
     ),
 )
 BY_NAME = {t.name: t for t in TARGETS}
-THROUGHPUT = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold")
+THROUGHPUT = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold", "tg-session")
 LATENCY = ("origin", *THROUGHPUT)
+
+SESSION_COOKIE = "tg_session"  # no __Host- prefix: the bench is plain http on loopback
+CSRF_HEADER = "X-CSRF"  # tokengate's csrf.header, which every cookie request must carry
+
+
+def session_settings(redis_url: str) -> dict[str, Any]:
+    """tokengate's ``session:`` section; the driver seeds Redis with these same settings."""
+    return {
+        "store": "redis",
+        "redis_url": redis_url,
+        "key_prefix": "tgbench",
+        "cookie_name": SESSION_COOKIE,
+        "cookie_secure": False,  # allowed: public_url is http://127.0.0.1
+        # Long enough that no seeded session idles out during a long run.
+        "idle_timeout_s": 86400,
+        "absolute_timeout_s": 7 * 86400,
+    }
 
 
 def tokengate_config(
@@ -98,11 +110,16 @@ def tokengate_config(
     admin_port: int,
     origin_url: str,
     issuer_url: str | None,
+    redis_url: str | None,
     workers: int,
     access_log: bool,
     token_cache_size: int,
 ) -> dict[str, Any]:
-    """A tokengate configuration for one benchmark instance (loopback only)."""
+    """A tokengate configuration for one benchmark instance (loopback only).
+
+    With ``issuer_url``, a ``/bearer/`` route; with ``redis_url`` as well, a ``/session/``
+    route and the session, client and CSRF settings it needs (refresh: oauth2 at the
+    issuer's ``token_endpoint`` from discovery, tokengate's default timeouts)."""
     routes: list[dict[str, Any]] = [
         {"prefix": "/none/", "upstream": origin_url, "auth": "none", "strip_prefix": True},
     ]
@@ -130,6 +147,17 @@ def tokengate_config(
                 "strip_prefix": True,
             }
         )
-        # TODO(session): {"prefix": "/session/", "upstream": origin_url, "auth": "session",
-        #   "scopes": ["api.read"], "strip_prefix": True} and a "session:" section.
+        if redis_url is not None:
+            config["oidc"].update(client_id=CLIENT_ID, client_auth="none")
+            config["session"] = session_settings(redis_url)
+            config["csrf"] = {"header": CSRF_HEADER}
+            routes.append(
+                {
+                    "prefix": "/session/",
+                    "upstream": origin_url,
+                    "auth": "session",
+                    "scopes": ["api.read"],
+                    "strip_prefix": True,
+                }
+            )
     return config

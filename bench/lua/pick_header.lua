@@ -9,7 +9,7 @@
 -- thread reached, and the driver passes it as START of the next run. With more values
 -- than tokengate's token cache holds, every request misses the cache.
 --   bearer-cold:  FILE=tokens.txt  HEADER=Authorization  PREFIX="Bearer "
---   session:      FILE=cookies.txt HEADER=Cookie         PREFIX="__Host-tokengate="
+--   session:      FILE=cookies.txt HEADER=Cookie         PREFIX="tg_session=" (and -H "X-CSRF: 1")
 
 local counter = 0
 local threads = {}
