@@ -140,7 +140,11 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         store = MemorySessionStore(settings.session)
         log.warning("memory_session_store", extra={"note": "one replica only; lost on restart"})
     else:
-        store = RedisSessionStore(settings.session, build_redis(settings.session), app[METRICS])
+        redis_store = RedisSessionStore(
+            settings.session, build_redis(settings.session), app[METRICS]
+        )
+        redis_store.start()  # follows invalidations for its local cache; aclose stops it
+        store = redis_store
     if not settings.session.cookie_secure:
         log.warning("insecure_cookie", extra={"note": "Secure is off: http://localhost only"})
     app[STORE] = store

@@ -64,7 +64,7 @@ class SessionAuthenticator:
         handle = self._cookies.session_handle(request)
         if handle is None:
             return None
-        session = await self._store.load(handle)
+        session = await self._store.load(handle, cached=True)
         return None if session is None else (handle, session)
 
     def expired(self) -> SessionExpiredError:

@@ -115,7 +115,7 @@ class MemorySessionStore:
         self._wrote()
         return stored
 
-    async def load(self, handle: SessionHandle) -> Session | None:
+    async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         stored = self._live_session(handle.storage_id)
         if stored is None:
             return None

@@ -96,8 +96,12 @@ class SessionStore(Protocol):
     async def create(self, handle: SessionHandle, session: Session) -> Session:
         """Store a new session (version 1) with idle and absolute timeouts; index its sub/sid."""
 
-    async def load(self, handle: SessionHandle) -> Session | None:
-        """The session, or None; slides the idle timeout (never past the absolute one)."""
+    async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
+        """The session, or None; slides the idle timeout (never past the absolute one).
+
+        ``cached``: a copy this process loaded within ``session.local_cache_s`` will do,
+        unless a write or an end of the session was published since (the request path).
+        Without it the answer is Redis's own (the refresh protocol, logout)."""
 
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         """Compare-and-set: write ``session`` only if the stored version is still

@@ -47,6 +47,7 @@ from gateway.sessions.crypto import (
     seal_session,
     slot_aad,
 )
+from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import LoginState, Session, SessionHandle
 from gateway.settings import SessionSettings
 
@@ -84,9 +85,10 @@ return 1
 """
 
 # KEYS[1] session hash. ARGV[1] expected version, ARGV[2] sealed data, ARGV[3] now ms,
-# ARGV[4] idle ms, ARGV[5] absolute ms.
+# ARGV[4] idle ms, ARGV[5] absolute ms, ARGV[6] invalidation channel, ARGV[7] storage id.
 # Returns the new version; 0 when the stored version differs; nil when the session is gone
-# (never recreated: a logout racing a refresh stays a logout).
+# (never recreated: a logout racing a refresh stays a logout). A write is published, in the
+# same step, so no replica keeps an old copy (local_cache).
 _COMPARE_AND_SET = """
 local f = redis.call('HMGET', KEYS[1], 'v', 'c')
 if not f[1] or not f[2] then return nil end
@@ -99,13 +101,16 @@ end
 local v = tonumber(f[1]) + 1
 redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[4]), remaining))
+redis.call('PUBLISH', ARGV[6], ARGV[7])
 return v
 """
 
-# KEYS[1] session hash, KEYS[2] its lock (same slot). Returns 1 if the session existed, else 0.
+# KEYS[1] session hash, KEYS[2] its lock (same slot). ARGV[1] invalidation channel, ARGV[2]
+# storage id. Returns 1 if the session existed, else 0; an end is published in the same step.
 _DELETE = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
+if existed == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return existed
 """
 
@@ -204,6 +209,19 @@ class RedisSessionStore:
         self._metrics = metrics
         self._clock = clock
         self._prefix = settings.key_prefix
+        self._channel = f"{settings.key_prefix}:invalidate"
+        self._cache: LocalSessionCache | None = None
+        if settings.local_cache_s > 0 and isinstance(client, Redis):
+            # Cluster: no cache (redis-py's cluster client has no asyncio pub/sub).
+            self._cache = LocalSessionCache(
+                client,
+                self._channel,
+                metrics,
+                max_age_s=settings.local_cache_s,
+                max_entries=settings.local_cache_size,
+                absolute_timeout_s=settings.absolute_timeout_s,
+                clock=clock,
+            )
         self._idle_ms = settings.idle_timeout_s * 1000
         self._absolute_ms = settings.absolute_timeout_s * 1000
         # redis-py annotates register_script's `self` as Redis; RedisCluster has it too,
@@ -271,7 +289,22 @@ class RedisSessionStore:
         members = await _awaitable(self._client.smembers(index))
         return sorted(member.decode() for member in members)
 
-    async def load(self, handle: SessionHandle) -> Session | None:
+    @property
+    def cache(self) -> LocalSessionCache | None:
+        return self._cache
+
+    def start(self) -> None:
+        """Start following invalidations (the local cache); ``aclose`` stops it."""
+        if self._cache is not None:
+            self._cache.start()
+
+    async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
+        cache = self._cache
+        generation = 0
+        if cache is not None:
+            if cached and (hit := cache.get(handle.storage_id)) is not None:
+                return hit
+            generation = cache.generation
         key = self._session_key(handle.storage_id)
         with self._translated():
             found = await self._load_and_touch(
@@ -280,15 +313,29 @@ class RedisSessionStore:
         if found is None:
             return None
         version, blob = found
-        return open_session(handle, bytes(blob), int(version))
+        session = open_session(handle, bytes(blob), int(version))
+        if session is not None and cache is not None:
+            cache.put(handle.storage_id, session, generation)
+        return session
 
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         blob = seal_session(handle, session)
+        storage_id = handle.storage_id
         with self._translated():
             version = await self._compare_and_set(
-                keys=[self._session_key(handle.storage_id)],
-                args=[session.version, blob, self._now_ms(), self._idle_ms, self._absolute_ms],
+                keys=[self._session_key(storage_id)],
+                args=[
+                    session.version,
+                    blob,
+                    self._now_ms(),
+                    self._idle_ms,
+                    self._absolute_ms,
+                    self._channel,
+                    storage_id,
+                ],
             )
+        if self._cache is not None:
+            self._cache.drop(storage_id)  # ours at once; other replicas by the publish
         if not version:
             return None
         return replace(session, version=int(version))
@@ -299,7 +346,9 @@ class RedisSessionStore:
 
     async def _delete_by_id(self, storage_id: str) -> int:
         keys = [self._session_key(storage_id), self._lock_key(storage_id)]
-        return int(await self._delete(keys=keys))
+        if self._cache is not None:
+            self._cache.drop(storage_id)
+        return int(await self._delete(keys=keys, args=[self._channel, storage_id]))
 
     async def delete_by_subject(self, subject: str) -> int:
         return await self._delete_indexed(self._index_key("sub", subject))
@@ -374,4 +423,6 @@ class RedisSessionStore:
             return False
 
     async def aclose(self) -> None:
+        if self._cache is not None:
+            await self._cache.aclose()
         await self._client.aclose()

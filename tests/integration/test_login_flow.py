@@ -14,6 +14,7 @@ from gateway.app import STORE
 from gateway.sessions.cookie import parse_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session
+from gateway.sessions.redis_store import RedisSessionStore
 from tests.integration.conftest import Bff, start_bff
 from tests.support.idp import CLIENT_SECRET, OidcProviderProcess, complete_login
 from tests.support.redis_server import RedisServerProcess
@@ -266,6 +267,12 @@ async def test_redis_down_is_503_for_sessions_while_bearer_keeps_working(
         session = await stored_session(bff, browser)
         assert session is not None
         redis.kill()
+        # The local session cache serves only while its invalidation feed is up; the feed
+        # breaks with Redis, and from then on every session request needs Redis.
+        store = bff.app[STORE]
+        assert isinstance(store, RedisSessionStore)
+        assert store.cache is not None
+        await store.cache.wait_serving(False, timeout_s=5)
         status, body = await bff.api(browser, "/api/me")
         assert status == 503
         assert body["error"] == "session_store_unavailable"

@@ -1,0 +1,182 @@
+"""This process's copies of recently loaded sessions, dropped the moment any replica changes them.
+
+A session request costs a Redis round trip and a decryption; most of them read a session
+nobody changed since the last request. ``LocalSessionCache`` keeps the decrypted session
+for ``session.local_cache_s`` (never past its absolute timeout), and every write or end of
+a session, on any replica, is published on ``<prefix>:invalidate`` (Redis pub/sub) and
+drops the copies everywhere: a logout or a refresh on one replica reaches the others within
+one pub/sub delivery (well under a millisecond on one network).
+
+The cache serves only while its subscription is confirmed: from a disconnect until the
+subscription is back it is empty and off (every load goes to Redis), because invalidations
+sent meanwhile are lost. A load that raced an invalidation is not kept. What a session is
+and how it is stored is ``redis_store``'s business; this module only keeps copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.metrics import Metrics
+from gateway.sessions.model import Session
+
+log = logging.getLogger(__name__)
+
+_READ_TIMEOUT_S = 1.0  # get_message waits this long, then loops (and notices aclose)
+_BACKOFF_FIRST_S = 0.1
+_BACKOFF_MAX_S = 5.0
+
+
+class LocalSessionCache:
+    """Owns its subscriber task (``start``/``aclose``); borrows the store's Redis client."""
+
+    def __init__(
+        self,
+        client: Redis,
+        channel: str,
+        metrics: Metrics,
+        *,
+        max_age_s: float,
+        max_entries: int,
+        absolute_timeout_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._metrics = metrics
+        self._max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._absolute_timeout_s = absolute_timeout_s
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[Session, float]] = OrderedDict()
+        self._generation = 0  # counts invalidations (and resets): a racing load is not kept
+        self._serving = False  # True only while the subscription is confirmed
+        self._task: asyncio.Task[None] | None = None
+        # For whoever must know (readiness, tests): serving or not, and any invalidation.
+        self._on = asyncio.Event()
+        self._off = asyncio.Event()
+        self._off.set()
+        self._dropped = asyncio.Event()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def get(self, storage_id: str) -> Session | None:
+        if not self._serving:
+            return None
+        entry = self._entries.get(storage_id)
+        if entry is None:
+            return None
+        session, until = entry
+        if until <= self._clock():
+            del self._entries[storage_id]
+            return None
+        return session
+
+    def put(self, storage_id: str, session: Session, generation: int) -> None:
+        """Keep ``session``, loaded from Redis when the generation was ``generation``."""
+        if not self._serving or generation != self._generation:
+            return  # an invalidation may have passed the load: this copy may be stale
+        now = self._clock()
+        until = min(now + self._max_age_s, session.created_at + self._absolute_timeout_s)
+        if until <= now:
+            return
+        entries = self._entries
+        entries[storage_id] = (session, until)
+        entries.move_to_end(storage_id)
+        if len(entries) > self._max_entries:
+            entries.popitem(last=False)
+
+    def drop(self, storage_id: str) -> None:
+        self._generation += 1
+        self._entries.pop(storage_id, None)
+        self._dropped.set()
+
+    async def publish(self, *storage_ids: str) -> None:
+        """Tell every replica (this one included, at once) that these sessions changed."""
+        for storage_id in storage_ids:
+            self.drop(storage_id)
+        if storage_ids:
+            await self._client.publish(self._channel, " ".join(storage_ids))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._listen(), name="session-cache-invalidations"
+        )
+
+    async def wait_serving(self, serving: bool, timeout_s: float) -> None:
+        """Return once the cache is serving (or off); ``TimeoutError`` after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            await (self._on if serving else self._off).wait()
+
+    async def wait_dropped(self, generation: int, timeout_s: float) -> None:
+        """Return once a copy was dropped after ``generation``; ``TimeoutError`` if not."""
+        async with asyncio.timeout(timeout_s):
+            while self._generation == generation:
+                self._dropped.clear()
+                await self._dropped.wait()
+
+    async def aclose(self) -> None:
+        self._stop_serving()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _stop_serving(self) -> None:
+        self._serving = False
+        self._on.clear()
+        self._off.set()
+        self._entries.clear()
+        self._generation += 1
+
+    async def _listen(self) -> None:
+        backoff_s = _BACKOFF_FIRST_S
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Confirmed: from here on no invalidation can pass us unseen. It
+                        # comes again after redis-py reconnected on its own: what was
+                        # published in between is lost, so every copy goes.
+                        self._entries.clear()
+                        self.drop("")
+                        self._serving = True
+                        self._off.clear()
+                        self._on.set()
+                        backoff_s = _BACKOFF_FIRST_S
+                        log.info("session_cache", extra={"state": "serving"})
+                    elif message["type"] == "message":
+                        for storage_id in bytes(message["data"]).decode().split():
+                            self.drop(storage_id)
+            except (RedisError, OSError) as exc:
+                if self._serving:
+                    log.warning(
+                        "session_cache",
+                        extra={"state": "off", "error_type": type(exc).__name__},
+                    )
+                self._stop_serving()
+                self._metrics.session_store_errors_total.inc()
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)

@@ -1,0 +1,175 @@
+"""The local session cache: two replicas on one real redis-server.
+
+A replica serves a session it loaded recently without asking Redis, and drops its copy the
+moment another replica writes or ends the session (Redis pub/sub), or when the feed of
+those invalidations breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.metrics import Metrics
+from gateway.sessions.crypto import derive_handle
+from gateway.sessions.local_cache import LocalSessionCache
+from gateway.sessions.model import Session, SessionHandle
+from gateway.sessions.redis_store import RedisSessionStore, build_redis
+from gateway.settings import SessionSettings
+from tests.support.redis_server import RedisServerProcess
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "tgc"
+WAIT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServerProcess]:
+    with RedisServerProcess() as server:
+        yield server
+
+
+def settings(url: str) -> SessionSettings:
+    return SessionSettings(redis_url=url, key_prefix=PREFIX, local_cache_s=30)
+
+
+@pytest.fixture
+async def replicas(
+    redis_server: RedisServerProcess,
+) -> AsyncIterator[tuple[RedisSessionStore, RedisSessionStore, Redis]]:
+    if not redis_server.running:
+        redis_server.restart()
+    raw = Redis.from_url(redis_server.url)
+    await raw.flushall()
+    stores = []
+    for _ in range(2):
+        store = RedisSessionStore(
+            settings(redis_server.url), build_redis(settings(redis_server.url)), Metrics()
+        )
+        store.start()
+        assert store.cache is not None
+        await store.cache.wait_serving(True, timeout_s=WAIT_S)
+        stores.append(store)
+    yield stores[0], stores[1], raw
+    for store in stores:
+        await store.aclose()
+    await raw.aclose()
+
+
+def new_session() -> tuple[SessionHandle, Session]:
+    handle = derive_handle(secrets.token_bytes(32))
+    session = Session(
+        subject="alice",
+        access_token="access-1",
+        access_expires_at=time.time() + 300,
+        refresh_token="refresh-1",
+        scopes=("api.read",),
+        claims={"sub": "alice"},
+    )
+    return handle, session
+
+
+async def cached_on(
+    creator: RedisSessionStore, *readers: RedisSessionStore
+) -> tuple[SessionHandle, Session]:
+    """A new session, created on ``creator`` and in the local cache of each reader."""
+    handle, session = new_session()
+    created = await creator.create(handle, session)
+    for reader in readers:
+        assert await reader.load(handle, cached=True) is not None
+    return handle, created
+
+
+def cache_of(store: RedisSessionStore) -> LocalSessionCache:
+    assert store.cache is not None
+    return store.cache
+
+
+async def test_a_cached_load_needs_no_redis_and_a_fresh_one_does(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    a, b, raw = replicas
+    handle, session = new_session()
+    await a.create(handle, session)
+    loaded = await b.load(handle, cached=True)
+    assert loaded is not None
+    # Gone from Redis behind the stores' backs (no publish): B's copy still answers...
+    await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")
+    assert await b.load(handle, cached=True) == loaded
+    # ...but never to a caller that asked for Redis's own answer (the refresh protocol).
+    assert await b.load(handle) is None
+
+
+async def test_an_end_on_one_replica_drops_the_copy_on_the_other(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    a, b, _ = replicas
+    handle, _ = await cached_on(a, b)
+    generation = cache_of(b).generation
+    assert await a.delete(handle)
+    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    assert await b.load(handle, cached=True) is None
+
+
+async def test_a_write_on_one_replica_reaches_the_other_and_its_own_copy_at_once(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    a, b, _ = replicas
+    handle, created = await cached_on(a, a, b)
+    generation = cache_of(b).generation
+    saved = await a.save(handle, dataclasses.replace(created, access_token="access-2"))
+    assert saved is not None
+    mine = await a.load(handle, cached=True)  # the writer's own copy is dropped at once
+    assert mine is not None
+    assert mine.access_token == "access-2"
+    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    theirs = await b.load(handle, cached=True)
+    assert theirs is not None
+    assert (theirs.access_token, theirs.version) == ("access-2", saved.version)
+
+
+async def test_back_channel_logout_by_subject_reaches_every_replica(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    a, b, _ = replicas
+    handles = []
+    for _ in range(3):
+        handles.append((await cached_on(a, b))[0])
+    generation = cache_of(b).generation
+    assert await a.delete_by_subject("alice") == 3
+    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    for handle in handles:
+        assert await b.load(handle, cached=True) is None
+
+
+async def test_a_broken_invalidation_feed_drops_every_copy(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    _, b, raw = replicas
+    handle, _ = await cached_on(b, b)
+    await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")  # unpublished, unseen
+    generation = cache_of(b).generation
+    await raw.client_kill_filter(_type="pubsub")  # the feed breaks; Redis stays up
+    # redis-py reconnects and subscribes again; invalidations in between may be lost, so
+    # the new subscription empties the cache.
+    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    await cache_of(b).wait_serving(True, timeout_s=WAIT_S)
+    assert await b.load(handle, cached=True) is None
+
+
+async def test_redis_gone_turns_the_cache_off(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+    redis_server: RedisServerProcess,
+) -> None:
+    _, b, _ = replicas
+    handle, _ = await cached_on(b, b)
+    redis_server.kill()
+    await cache_of(b).wait_serving(False, timeout_s=WAIT_S)
+    assert cache_of(b).get(handle.storage_id) is None
+    redis_server.restart()
