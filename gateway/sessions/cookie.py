@@ -13,6 +13,7 @@ import binascii
 import logging
 import re
 import secrets
+from collections import OrderedDict
 
 from aiohttp import web
 
@@ -43,23 +44,53 @@ def parse_secret(value: str | None) -> bytes | None:
         return None
 
 
+def cookie_value(request: web.Request, name: str) -> str | None:
+    """The value of cookie ``name`` as sent, the first if the browser sent it twice.
+
+    Read straight from the ``Cookie`` header: every session request needs one cookie, and
+    aiohttp's full parse of them all costs more than the rest of the session lookup. With a
+    duplicate, browsers send the most specific (longest path) first (RFC 6265 §5.4).
+    """
+    prefix = name + "="
+    for header in request.headers.getall("Cookie", ()):
+        for part in header.split(";"):
+            part = part.strip()
+            if part.startswith(prefix):
+                return part[len(prefix) :]
+    return None
+
+
 class SessionCookies:
-    """Reads and writes our two cookies with the attributes the settings ask for."""
+    """Reads and writes our two cookies with the attributes the settings ask for.
+
+    Owns a bounded memo of cookie secret -> handle: the two HKDF derivations cost more than
+    the cached session lookup they lead to.
+    """
 
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
         self.name = settings.cookie_name
         self.login_name = settings.login_cookie_name
+        self._handles: OrderedDict[bytes, SessionHandle] = OrderedDict()
+        self._handles_max = settings.local_cache_size
 
     def session_handle(self, request: web.Request) -> SessionHandle | None:
-        secret = parse_secret(request.cookies.get(self.name))
-        return None if secret is None else derive_handle(secret)
+        secret = parse_secret(cookie_value(request, self.name))
+        if secret is None:
+            return None
+        handles = self._handles
+        handle = handles.get(secret)
+        if handle is None:
+            handle = handles[secret] = derive_handle(secret)
+            if len(handles) > self._handles_max:
+                handles.popitem(last=False)
+        return handle
 
     def has_session_cookie(self, request: web.Request) -> bool:
-        return self.name in request.cookies
+        return cookie_value(request, self.name) is not None
 
     def login_secret(self, request: web.Request) -> bytes | None:
-        return parse_secret(request.cookies.get(self.login_name))
+        return parse_secret(cookie_value(request, self.login_name))
 
     def set_session(self, response: web.StreamResponse, secret: bytes) -> None:
         self._set(response, self.name, encode_secret(secret), self._settings.absolute_timeout_s)
