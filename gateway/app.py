@@ -24,7 +24,7 @@ from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
 from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
-from gateway.ingress import Ingress, aiohttp_parser_limits, set_request_id_header
+from gateway.ingress import Ingress, aiohttp_parser_limits
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -285,7 +285,6 @@ def build_app(
     app.cleanup_ctx.extend(
         (access_log, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
     )
-    app.on_response_prepare.append(set_request_id_header)
     if settings.uses_sessions:
         add_auth_routes(app, oidc_login=settings.uses_oidc_login)
     app.router.add_route("*", "/auth/{tail:.*}", reserved_auth_path)

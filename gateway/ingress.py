@@ -118,6 +118,8 @@ class Ingress:
             log.exception("unhandled_error")
             ctx.outcome = "internal_error"
             response = render_error(GatewayError())
+        if not response.prepared:
+            response.headers["X-Request-Id"] = ctx.request_id
         self._observe(request, response, ctx, time.perf_counter() - started)
         return response
 
@@ -141,8 +143,10 @@ class Ingress:
         self._access.write(ctx, method, path, status, elapsed_s)
 
 
-async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streamed or not, carries its request id."""
+def set_request_id_header(response: web.StreamResponse) -> None:
+    """Every response carries its request id. Responses a handler streams itself (relayed
+    bodies, WebSockets) call this before ``prepare``; the middleware does it for the rest
+    (cheaper than an ``on_response_prepare`` signal on every response)."""
     ctx = current()
     if ctx is not None:
         response.headers["X-Request-Id"] = ctx.request_id

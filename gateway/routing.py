@@ -23,6 +23,10 @@ from gateway.settings import AuthMode, CaptureSettings, RouteSettings
 # another to the upstream; refuse them rather than guess (Envoy's REJECT_REQUEST default).
 _FORBIDDEN_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
+# The common path, already canonical: segments of unreserved and sub-delim characters (no
+# "%", no "\\"), none empty, "." or ".." (a trailing "/" allowed). ``parse_path`` and
+# ``encode_path`` return it untouched, the same answer their general code gives.
+_CANONICAL = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9:@!$&'()*+,;=._~-]+)+/?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ def _plain_origin(upstream: URL) -> tuple[str, int] | None:
 
 def parse_path(raw_path: str) -> str:
     """Normalise the raw request path (no query) into its decoded canonical form."""
+    if _CANONICAL.fullmatch(raw_path):
+        return raw_path  # nothing encoded, no dot segment, no empty segment: as it is
     if not raw_path.startswith("/"):
         raise BadRequestError("the request target must be an absolute path")
     if _FORBIDDEN_ENCODED.search(raw_path) or "\\" in raw_path:
@@ -118,6 +124,8 @@ def parse_path(raw_path: str) -> str:
 
 
 def encode_path(path: str) -> str:
+    if _CANONICAL.fullmatch(path):
+        return path  # only characters quote() keeps as they are
     return quote(path, safe=_SAFE_PATH_CHARS)
 
 

@@ -33,6 +33,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.http1 import Http1Pool
+from gateway.ingress import set_request_id_header
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.routing import Route
@@ -355,6 +356,7 @@ class Upstream:
         )
         if length is not None:
             response.content_length = length
+        set_request_id_header(response)
         try:
             await response.prepare(request)
             if no_body:

@@ -15,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.ingress import set_request_id_header
 from gateway.routing import Route
 from gateway.upstream import Upstream
 
@@ -70,6 +71,7 @@ async def forward_websocket(
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailableError() from exc
     client = web.WebSocketResponse(protocols=(remote.protocol,) if remote.protocol else ())
+    set_request_id_header(client)
     try:
         await client.prepare(request)
         await _pump_both(client, remote)

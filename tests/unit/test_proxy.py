@@ -270,3 +270,21 @@ async def test_client_disconnect_during_slow_upstream_is_not_an_error(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await gateway.get("/public/ok")).status == 200
+
+
+async def test_every_kind_of_response_carries_the_request_id(
+    gateway: Gateway, issuer: FakeIssuer
+) -> None:
+    streamed = await gateway.get("/public/download/200000", headers={"X-Request-Id": "r-1"})
+    assert (streamed.status, streamed.headers["X-Request-Id"]) == (200, "r-1")
+    assert len(await streamed.read()) == 200_000
+    refused = await gateway.get("/api/x", headers={"X-Request-Id": "r-2"})
+    assert (refused.status, refused.headers["X-Request-Id"]) == (401, "r-2")
+    missing = await gateway.get("/nowhere", headers={"X-Request-Id": "r-3"})
+    assert (missing.status, missing.headers["X-Request-Id"]) == (404, "r-3")
+    async with gateway.ws_connect(
+        "/ws/chat", headers={"Authorization": f"Bearer {issuer.mint()}", "X-Request-Id": "r-4"}
+    ) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "echo:hi"
+        assert ws._response.headers["X-Request-Id"] == "r-4"

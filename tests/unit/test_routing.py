@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from gateway.errors import BadRequestError, NotFoundError
@@ -70,3 +73,22 @@ def test_upstream_path_joins_base_and_strips_prefix() -> None:
     stripped = table("/api", strip=True).match("/api/x")
     assert stripped.upstream_path("/api/x") == "/base/x"
     assert stripped.upstream_path("/api") == "/base/"
+
+
+def test_the_canonical_fast_path_answers_as_the_general_code_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A path the fast path returns untouched is one the general code leaves unchanged."""
+    from gateway import routing
+
+    rng = random.Random(5)
+    pieces = [*"abZ09/._~-:@!$&'()*+,;=", "%2e", "%41", "..", "/.", "//", "/../", "é"]
+    paths = ["/", "/a", "/a/", "/.", "/..", "/a/.", "/a/..", "/.a", "/..a", "/a..", "//"]
+    paths += [
+        "/" + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))) for _ in range(5000)
+    ]
+    fast = [p for p in paths if routing._CANONICAL.fullmatch(p)]
+    assert len(fast) > 500  # the sample exercises the fast path
+    monkeypatch.setattr(routing, "_CANONICAL", re.compile(r"(?!)"))  # general code only
+    for path in fast:
+        assert (routing.parse_path(path), routing.encode_path(path)) == (path, path)
