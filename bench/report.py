@@ -144,6 +144,12 @@ class WorkerMemory:
     requests: int
     rss_kib: tuple[int, ...]  # VmRSS of each worker after ``requests``
     hwm_kib: tuple[int, ...]  # VmHWM of each worker
+    early_requests: int = 0  # a tenth of the way: RSS then, to show it stays flat
+    early_rss_kib: tuple[int, ...] = ()
+
+
+def _rss(kib: tuple[int, ...], requests: int) -> str:
+    return " / ".join(f"{k / 1024:.1f}" for k in kib) + f" ({requests:,})" if kib else "-"
 
 
 def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, reference: str) -> str:
@@ -154,8 +160,8 @@ def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, refere
         "x 1 worker",
         "p99 ms",
         "CPU µs/req",
-        "requests sent",
-        "RSS/worker MiB",
+        "RSS/worker MiB after 1/10 (sent)",
+        "RSS/worker MiB at the end (sent)",
         "peak/worker MiB",
         "errors",
     ]
@@ -170,8 +176,8 @@ def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, refere
                 fmt(per_round(runs, target, reference, rps_ratio)),
                 fmt(median([r.wrk.p99_ms for r in target_runs])),
                 fmt(median([r.cpu_us_per_request for r in target_runs]), 0),
-                f"{mem.requests:,}" if mem else "-",
-                " / ".join(f"{k / 1024:.1f}" for k in mem.rss_kib) if mem else "-",
+                _rss(mem.early_rss_kib, mem.early_requests) if mem else "-",
+                _rss(mem.rss_kib, mem.requests) if mem else "-",
                 " / ".join(f"{k / 1024:.1f}" for k in mem.hwm_kib) if mem else "-",
                 str(sum(r.wrk.errors for r in target_runs)),
             ]

@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rss-requests",
         type=int,
-        default=100_000,
-        help="requests before reading RSS per worker (issue: 1000000)",
+        default=1_000_000,
+        help="requests each scaling instance serves before its RSS is read (default 1000000)",
     )
     p.add_argument(
         "--cold-tokens",
@@ -285,7 +285,13 @@ class Bench:
             self.sent.clear()
             self.prepare(group, body)
             runs = self.rounds("scaling", group, body)
-            memory = {run.target.name: self.fill(run, body) for run in group}
+            memory = {}
+            for run in group:
+                early = self.fill(run, body, max(1, self.args.rss_requests // 10))
+                late = self.fill(run, body, self.args.rss_requests)
+                memory[run.target.name] = dataclasses.replace(
+                    late, early_requests=early.requests, early_rss_kib=early.rss_kib
+                )
         finally:
             self.stop(running)
         title = (
@@ -294,11 +300,11 @@ class Bench:
         )
         return title, scaling_table(runs, memory, body, reference=variants[0].name)
 
-    def fill(self, run: Running, body: str) -> WorkerMemory:
-        """Send requests until ``--rss-requests`` in total, then read each worker's RSS."""
+    def fill(self, run: Running, body: str, requests: int) -> WorkerMemory:
+        """Send requests until ``requests`` in total, then read each worker's RSS."""
         rps = None
-        while (sent := self.sent.get(run.target.name, 0)) < self.args.rss_requests:
-            left = self.args.rss_requests - sent
+        while (sent := self.sent.get(run.target.name, 0)) < requests:
+            left = requests - sent
             chunk_s = 2 if rps is None else min(60, max(1, round(left / rps + 0.5)))
             rps = self.measure(
                 run, body, -1, self.args.threads, self.args.connections, chunk_s

@@ -41,7 +41,7 @@ from gateway.settings import SessionSettings
 
 BENCH_DIR = Path(__file__).resolve().parent
 PICK_HEADER_LUA = BENCH_DIR / "lua" / "pick_header.lua"
-TOKEN_CACHE_SIZE = 10_000  # tokengate's default oidc.token_cache_size, set explicitly
+TOKEN_CACHE_SIZE = 1024  # tokengate's default oidc.token_cache_size, set explicitly
 REDIS_SERVER = "/usr/bin/redis-server"
 
 

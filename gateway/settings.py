@@ -140,7 +140,7 @@ class OidcSettings(Section):
     timeout_s: float = Field(5.0, gt=0, le=60)
     jwks_refetch_interval_s: float = Field(30.0, ge=0)  # unknown kid: at most one fetch per this
     jwks_max_age_s: float = Field(3600.0, gt=0)  # periodic refresh when no Cache-Control says
-    token_cache_size: int = Field(4096, ge=0)  # verified tokens kept (about 3 KB each)
+    token_cache_size: int = Field(1024, ge=0)  # verified tokens kept (about 2.5 KB each)
     # Login (authorization request) tuning.
     prompt: str | None = None
     consent_for_offline_access: bool = False  # send prompt=consent with offline_access

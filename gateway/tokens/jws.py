@@ -17,11 +17,14 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from jwt.algorithms import Algorithm
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from jwt.algorithms import Algorithm, RSAAlgorithm
 
 from gateway.errors import InvalidTokenError
 
@@ -32,11 +35,16 @@ _COMPACT = re.compile(rf"({_SEGMENT})\.({_SEGMENT})\.({_SEGMENT})")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # Claims a token is not valid before, and the result when one is not a number (pyjwt's).
 _NOT_BEFORE_CLAIMS = (("iat", "bad_iat"), ("nbf", "malformed"))
+# An issuer signs every token with the same few headers ({"alg", "kid", "typ"}): the checked
+# header of a header segment seen before is reused, read-only. Bounded; cleared when full.
+_HEADERS_KEPT = 64
+_headers: dict[str, Mapping[str, Any]] = {}
+_PKCS1V15 = padding.PKCS1v15()
 
 
 @dataclass(frozen=True, slots=True)
 class CompactJws:
-    header: dict[str, Any]
+    header: Mapping[str, Any]
     payload: bytes
     signing_input: bytes
     signature: bytes
@@ -82,13 +90,12 @@ def parse(token: str) -> CompactJws:
     if match is None:
         raise _malformed()
     head, body, signature = match.groups()
-    header = _json_object(_decode_segment(head), "header")
-    if "kid" in header and not isinstance(header["kid"], str):
-        raise _malformed()
-    # We implement no JWS extension; a critical one we do not know must be refused (RFC 7515
-    # §4.1.11). That includes b64=false (RFC 7797), an unencoded payload.
-    if "crit" in header or header.get("b64", True) is not True:
-        raise _malformed("the token uses an unsupported JWS extension")
+    header = _headers.get(head)
+    if header is None:
+        header = _parse_header(head)
+        if len(_headers) >= _HEADERS_KEPT:
+            _headers.clear()
+        _headers[head] = header
     return CompactJws(
         header=header,
         payload=_decode_segment(body),
@@ -97,8 +104,27 @@ def parse(token: str) -> CompactJws:
     )
 
 
+def _parse_header(head: str) -> Mapping[str, Any]:
+    header = _json_object(_decode_segment(head), "header")
+    if "kid" in header and not isinstance(header["kid"], str):
+        raise _malformed()
+    # We implement no JWS extension; a critical one we do not know must be refused (RFC 7515
+    # §4.1.11). That includes b64=false (RFC 7797), an unencoded payload.
+    if "crit" in header or header.get("b64", True) is not True:
+        raise _malformed("the token uses an unsupported JWS extension")
+    return header
+
+
 def verify_signature(jws: CompactJws, algorithm: Algorithm, key: Any) -> dict[str, Any]:
     """The claims, once the signature checks out with ``key`` under ``algorithm``."""
+    if type(algorithm) is RSAAlgorithm and isinstance(key, rsa.RSAPublicKey):
+        # RS256/384/512, the common case, straight to cryptography as pyjwt would call it,
+        # without building a padding and a hash object per token.
+        try:
+            key.verify(jws.signature, jws.signing_input, _PKCS1V15, algorithm.hash_alg())
+        except InvalidSignature:
+            raise invalid("bad_signature", "the token's signature is invalid") from None
+        return _json_object(jws.payload, "payload")
     try:
         prepared = algorithm.prepare_key(key)
     except jwt.InvalidKeyError:

@@ -1,14 +1,14 @@
 """JWT access-token validation: signature by the issuer's keys, then the registered claims.
 
 The algorithm allowlist is explicit; ``jku``, ``x5u`` and embedded ``jwk`` headers are never
-read (only ``alg`` and ``kid``). A bounded cache of verified tokens, keyed by a digest of the
-token and flushed when the key set changes, makes a repeated token cost one dict lookup.
+read (only ``alg`` and ``kid``). A bounded cache of verified tokens, keyed by the token (the
+principal keeps it anyway, to forward) and flushed when the key set changes, makes a
+repeated token cost one dict lookup.
 Scope *policy* (what a route requires) is ``auth``'s job; this module only parses scopes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -42,20 +42,19 @@ class TokenValidator:
         self._algorithms: dict[str, Algorithm] = {
             alg: jwt.get_algorithm_by_name(alg) for alg in settings.algorithms
         }
-        self._cache: OrderedDict[bytes, Principal] = OrderedDict()
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_generation = -1
         self._required = ("exp", "iat", "iss") + (("aud",) if settings.audience else ())
 
     async def validate(self, token: str) -> Principal:
         """The principal a token proves, or ``InvalidTokenError`` saying why not."""
-        digest = hashlib.blake2b(token.encode(), digest_size=20).digest()
         self._flush_on_new_keys()
-        cached = self._cache.get(digest)
+        cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at + self._settings.leeway_s > self._clock():
                 self._metrics.child(self._metrics.token_validations_total, "valid_cached").inc()
                 return cached
-            del self._cache[digest]
+            del self._cache[token]
         try:
             principal = await self._verify(token)
         except InvalidTokenError as exc:
@@ -64,7 +63,7 @@ class TokenValidator:
         self._metrics.child(self._metrics.token_validations_total, "valid").inc()
         self._flush_on_new_keys()  # the key set may have changed while we verified
         if self._settings.token_cache_size:
-            self._cache[digest] = principal
+            self._cache[token] = principal
             if len(self._cache) > self._settings.token_cache_size:
                 self._cache.popitem(last=False)
         return principal

@@ -251,3 +251,27 @@ async def test_garbage_is_malformed_and_never_reaches_the_key_set(token: str) ->
     with pytest.raises(InvalidTokenError) as raised:
         await validator.verify_jwt(token, audience=(AUDIENCE,), require=REQUIRE)
     assert raised.value.result == "malformed"
+
+
+async def test_remembered_headers_change_no_verdict_and_stay_bounded() -> None:
+    """Headers are remembered by their segment: a second pass over the corpus, in another
+    order, gives every token the verdict of the first; a refused header is never kept."""
+    from gateway.tokens import jws
+
+    issuer = FakeIssuer(url=ISSUER)
+    case = Case(issuer)
+    corpus = tokens(case)
+    validator = TokenValidator(
+        OidcSettings(issuer=ISSUER, audience=(AUDIENCE,), leeway_s=LEEWAY_S),
+        Keys(issuer),  # type: ignore[arg-type]
+        Metrics(),
+    )
+    first = {name: await ours(token, validator) for name, token in corpus.items()}
+    assert jws._headers  # the first pass remembered the valid ones
+    second = {name: await ours(corpus[name], validator) for name in reversed(list(corpus))}
+    assert second == first
+    refused = case.signed({"alg": "RS256", "kid": 5}, b64(b"{}")).split(".")[0]
+    assert refused not in jws._headers
+    for n in range(3 * jws._HEADERS_KEPT):
+        jws.parse(case.signed({"alg": "RS256", "kid": f"k{n}"}, b64(b"{}")))
+    assert len(jws._headers) <= jws._HEADERS_KEPT
