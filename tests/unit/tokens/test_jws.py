@@ -207,15 +207,19 @@ async def ours(token: str, validator: TokenValidator) -> tuple[str | None, dict[
         return exc.result, None
 
 
-async def test_every_token_gets_pyjwts_verdict() -> None:
-    issuer = FakeIssuer(url=ISSUER)
-    case = Case(issuer)
-    corpus = tokens(case)
-    validator = TokenValidator(
+def leeway_validator(issuer: FakeIssuer) -> TokenValidator:
+    return TokenValidator(
         OidcSettings(issuer=ISSUER, audience=(AUDIENCE,), leeway_s=LEEWAY_S),
         Keys(issuer),  # type: ignore[arg-type]
         Metrics(),
     )
+
+
+async def test_every_token_gets_pyjwts_verdict() -> None:
+    issuer = FakeIssuer(url=ISSUER)
+    case = Case(issuer)
+    corpus = tokens(case)
+    validator = leeway_validator(issuer)
     verdicts = {name: await ours(token, validator) for name, token in corpus.items()}
     expected = {name: reference(token, issuer) for name, token in corpus.items()}
     assert {n: (v, expected[n]) for n, v in verdicts.items() if v != expected[n]} == {}
@@ -261,11 +265,7 @@ async def test_remembered_headers_change_no_verdict_and_stay_bounded() -> None:
     issuer = FakeIssuer(url=ISSUER)
     case = Case(issuer)
     corpus = tokens(case)
-    validator = TokenValidator(
-        OidcSettings(issuer=ISSUER, audience=(AUDIENCE,), leeway_s=LEEWAY_S),
-        Keys(issuer),  # type: ignore[arg-type]
-        Metrics(),
-    )
+    validator = leeway_validator(issuer)
     first = {name: await ours(token, validator) for name, token in corpus.items()}
     assert jws._headers  # the first pass remembered the valid ones
     second = {name: await ours(corpus[name], validator) for name in reversed(list(corpus))}
