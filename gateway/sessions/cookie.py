@@ -63,25 +63,28 @@ def cookie_value(request: web.Request, name: str) -> str | None:
 class SessionCookies:
     """Reads and writes our two cookies with the attributes the settings ask for.
 
-    Owns a bounded memo of cookie secret -> handle: the two HKDF derivations cost more than
-    the cached session lookup they lead to.
+    Owns a bounded memo of cookie value -> handle: decoding the value and the two HKDF
+    derivations cost more than the cached session lookup they lead to.
     """
 
     def __init__(self, settings: SessionSettings) -> None:
         self._settings = settings
         self.name = settings.cookie_name
         self.login_name = settings.login_cookie_name
-        self._handles: OrderedDict[bytes, SessionHandle] = OrderedDict()
+        self._handles: OrderedDict[str, SessionHandle] = OrderedDict()
         self._handles_max = settings.local_cache_size
 
     def session_handle(self, request: web.Request) -> SessionHandle | None:
-        secret = parse_secret(cookie_value(request, self.name))
-        if secret is None:
+        value = cookie_value(request, self.name)
+        if value is None:
             return None
         handles = self._handles
-        handle = handles.get(secret)
+        handle = handles.get(value)
         if handle is None:
-            handle = handles[secret] = derive_handle(secret)
+            secret = parse_secret(value)
+            if secret is None:
+                return None  # not a value we issue: never remembered
+            handle = handles[value] = derive_handle(secret)
             if len(handles) > self._handles_max:
                 handles.popitem(last=False)
         return handle

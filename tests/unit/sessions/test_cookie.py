@@ -1,4 +1,4 @@
-"""Reading our cookie from the Cookie header, and the secret -> handle memo."""
+"""Reading our cookie from the Cookie header, and the cookie value -> handle memo."""
 
 from __future__ import annotations
 
@@ -44,5 +44,6 @@ def test_session_handle_is_derived_once_per_secret_and_stays_bounded() -> None:
         for s in secrets_
     ]
     assert handles == [derive_handle(s) for s in secrets_]
-    assert list(cookies._handles) == secrets_[1:]  # the oldest went
+    assert list(cookies._handles) == [encode_secret(s) for s in secrets_[1:]]  # oldest went
     assert cookies.session_handle(request("tg=not-a-secret")) is None  # type: ignore[arg-type]
+    assert "not-a-secret" not in cookies._handles  # what we never issued is not remembered
