@@ -24,7 +24,7 @@ from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
 from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
-from gateway.ingress import Ingress, aiohttp_parser_limits
+from gateway.ingress import Handler, Ingress, aiohttp_parser_limits
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -226,7 +226,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
-def add_auth_routes(app: web.Application, *, oidc_login: bool) -> None:
+def add_auth_routes(
+    app: web.Application, wrap: Callable[[Handler], Handler], *, oidc_login: bool
+) -> None:
     async def login(request: web.Request) -> web.StreamResponse:
         return await request.app[LOGIN].login(request)
 
@@ -242,12 +244,12 @@ def add_auth_routes(app: web.Application, *, oidc_login: bool) -> None:
     async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         return await request.app[LOGOUT].backchannel_logout(request)
 
-    app.router.add_get("/auth/session", session_info)
-    app.router.add_post("/auth/logout", logout)
+    app.router.add_get("/auth/session", wrap(session_info))
+    app.router.add_post("/auth/logout", wrap(logout))
     if oidc_login:  # capture-only deployments log in through their capture route
-        app.router.add_get("/auth/login", login)
-        app.router.add_get("/auth/callback", callback)
-        app.router.add_post("/auth/backchannel-logout", backchannel_logout)
+        app.router.add_get("/auth/login", wrap(login))
+        app.router.add_get("/auth/callback", wrap(callback))
+        app.router.add_post("/auth/backchannel-logout", wrap(backchannel_logout))
 
 
 _AUTH_PATHS = frozenset(
@@ -273,7 +275,6 @@ def build_app(
     access = AccessLog(settings.log)
     ingress = Ingress(settings.limits, settings.log, metrics, access)
     app = web.Application(
-        middlewares=[ingress.middleware],
         handler_args=aiohttp_parser_limits(settings.limits),
         client_max_size=settings.limits.max_body_bytes,
     )
@@ -285,8 +286,10 @@ def build_app(
     app.cleanup_ctx.extend(
         (access_log, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
     )
+    # Every handler behind the ingress; the last route matches every path and method, so
+    # aiohttp's router never answers by itself (no 404 or 405 of its own).
     if settings.uses_sessions:
-        add_auth_routes(app, oidc_login=settings.uses_oidc_login)
-    app.router.add_route("*", "/auth/{tail:.*}", reserved_auth_path)
-    app.router.add_route("*", "/{tail:.*}", handle)
+        add_auth_routes(app, ingress.wrap, oidc_login=settings.uses_oidc_login)
+    app.router.add_route("*", "/auth/{tail:.*}", ingress.wrap(reserved_auth_path))
+    app.router.add_route("*", "/{tail:.*}", ingress.wrap(handle))
     return app

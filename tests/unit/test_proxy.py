@@ -135,6 +135,23 @@ async def test_failed_authorization_is_never_forwarded(
     assert upstream[0].seen == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer a b.c.d", "Bearer \xe4bc.def.ghi", "Bearer abc.def.ghi=x", "Bearer ", "Bearer a.b"],
+)
+async def test_a_token_outside_the_jws_syntax_is_401_and_never_forwarded(
+    gateway: Gateway, issuer: FakeIssuer, upstream: Upstream, value: str
+) -> None:
+    valid = issuer.mint()
+    for _ in range(2):  # the second time from the verified-token cache
+        assert (await gateway.get("/api/x", headers={"Authorization": f"Bearer {valid}"})).ok
+    resp = await gateway.get("/api/x", headers={"Authorization": value})
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "invalid_token"
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert len(upstream[0].seen) == 2  # only the valid token's requests
+
+
 async def test_upstream_cannot_plant_our_session_cookie(
     aiohttp_client: Any, issuer: FakeIssuer, upstream: Upstream
 ) -> None:
