@@ -9,7 +9,12 @@ one pub/sub delivery (well under a millisecond on one network).
 
 The cache serves only while its subscription is confirmed: from a disconnect until the
 subscription is back it is empty and off (every load goes to Redis), because invalidations
-sent meanwhile are lost. A load that raced an invalidation is not kept. What a session is
+sent meanwhile are lost. A load that raced an invalidation is not kept.
+
+Concurrent misses for one session share one load (``coalesce``): a burst of requests on a
+session not in the cache (a page load, a refresh storm) makes one Redis round trip, not
+one each. A load under way is shared only until an invalidation of its session arrives;
+requests after that start a new one, so sharing never shows what a copy could not. What a session is
 and how it is stored is ``redis_store``'s business; this module only keeps copies.
 """
 
@@ -19,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -56,6 +61,7 @@ class LocalSessionCache:
         self._absolute_timeout_s = absolute_timeout_s
         self._clock = clock
         self._entries: OrderedDict[str, tuple[Session, float]] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[Session | None]] = {}  # shared loads
         self._generation = 0  # counts invalidations (and resets): a racing load is not kept
         self._serving = False  # True only while the subscription is confirmed
         self._task: asyncio.Task[None] | None = None
@@ -99,9 +105,30 @@ class LocalSessionCache:
         if len(entries) > self._max_entries:
             entries.popitem(last=False)
 
+    async def coalesce(
+        self, storage_id: str, load: Callable[[], Awaitable[Session | None]]
+    ) -> Session | None:
+        """``load()``, shared with every caller for ``storage_id`` while one is under way."""
+        if not self._serving:
+            return await load()
+        flight = self._loading.get(storage_id)
+        if flight is None:
+            flight = asyncio.ensure_future(load())
+            self._loading[storage_id] = flight
+            flight.add_done_callback(lambda task: self._landed(storage_id, task))
+        # shield: one caller going away (client gone) must not cancel the others' load.
+        return await asyncio.shield(flight)
+
+    def _landed(self, storage_id: str, task: asyncio.Task[Session | None]) -> None:
+        if self._loading.get(storage_id) is task:
+            del self._loading[storage_id]
+        if not task.cancelled():
+            task.exception()  # its callers have it; never "never retrieved"
+
     def drop(self, storage_id: str) -> None:
         self._generation += 1
         self._entries.pop(storage_id, None)
+        self._loading.pop(storage_id, None)  # later callers must not join an older read
         self._dropped.set()
 
     async def publish(self, *storage_ids: str) -> None:
@@ -130,6 +157,11 @@ class LocalSessionCache:
 
     async def aclose(self) -> None:
         self._stop_serving()
+        loads = list(self._loading.values())
+        self._loading.clear()
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -141,6 +173,7 @@ class LocalSessionCache:
         self._on.clear()
         self._off.set()
         self._entries.clear()
+        self._loading.clear()
         self._generation += 1
 
     async def _listen(self) -> None:

@@ -300,11 +300,16 @@ class RedisSessionStore:
 
     async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         cache = self._cache
-        generation = 0
-        if cache is not None:
-            if cached and (hit := cache.get(handle.storage_id)) is not None:
+        if cache is not None and cached:
+            hit = cache.get(handle.storage_id)
+            if hit is not None:
                 return hit
-            generation = cache.generation
+            return await cache.coalesce(handle.storage_id, lambda: self._load(handle))
+        return await self._load(handle)
+
+    async def _load(self, handle: SessionHandle) -> Session | None:
+        cache = self._cache
+        generation = 0 if cache is None else cache.generation
         key = self._session_key(handle.storage_id)
         with self._translated():
             found = await self._load_and_touch(

@@ -7,6 +7,7 @@ those invalidations breaks.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -173,3 +174,24 @@ async def test_redis_gone_turns_the_cache_off(
     await cache_of(b).wait_serving(False, timeout_s=WAIT_S)
     assert cache_of(b).get(handle.storage_id) is None
     redis_server.restart()
+
+
+async def evalsha_calls(raw: Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_burst_on_an_uncached_session_makes_one_redis_read(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    a, b, raw = replicas
+    handle, session = new_session()
+    await a.create(handle, session)
+    await b.load(new_session()[0])  # the server knows the script: no NOSCRIPT retry below
+    before = await evalsha_calls(raw)
+    loaded = await asyncio.gather(*(b.load(handle, cached=True) for _ in range(100)))
+    assert {s.access_token if s else None for s in loaded} == {"access-1"}
+    assert await evalsha_calls(raw) - before == 1
+    # Uncached reads (refresh, logout) never share: each asks Redis.
+    await asyncio.gather(*(b.load(handle) for _ in range(3)))
+    assert await evalsha_calls(raw) - before == 4

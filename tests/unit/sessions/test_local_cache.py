@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.metrics import Metrics
@@ -73,3 +74,82 @@ def test_the_oldest_copy_goes_first_past_the_bound() -> None:
     for name in ("a", "b", "c", "d"):
         cache.put(name, session(), cache.generation)
     assert [cache.get(n) is not None for n in ("a", "b", "c", "d")] == [False, True, True, True]
+
+
+class GatedLoad:
+    """A load that answers when released, counting how often it was started."""
+
+    def __init__(self, answer: Session | None = None, error: Exception | None = None) -> None:
+        self.started = 0
+        self.began = asyncio.Event()  # set once started: every caller scheduled before ran
+        self.release = asyncio.Event()
+        self.answer = answer or session()
+        self.error = error
+
+    async def __call__(self) -> Session | None:
+        self.started += 1
+        self.began.set()
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+async def test_concurrent_misses_share_one_load() -> None:
+    cache = serving_cache(Clock())
+    load = GatedLoad()
+    callers = [asyncio.ensure_future(cache.coalesce("id", load)) for _ in range(50)]
+    await load.began.wait()
+    load.release.set()
+    assert await asyncio.gather(*callers) == [load.answer] * 50
+    assert load.started == 1
+    assert cache._loading == {}  # landed: the next miss loads again
+
+
+async def test_after_an_invalidation_new_callers_start_a_new_load() -> None:
+    cache = serving_cache(Clock())
+    first, second = GatedLoad(), GatedLoad(session(created_at=999.0))
+    early = asyncio.ensure_future(cache.coalesce("id", first))
+    await first.began.wait()
+    cache.drop("id")  # a write on some replica: the load under way may predate it
+    late = asyncio.ensure_future(cache.coalesce("id", second))
+    async with asyncio.timeout(5):  # a late caller that joined the old load never starts one
+        await second.began.wait()
+    first.release.set()
+    second.release.set()
+    assert (await early, await late) == (first.answer, second.answer)
+    assert (first.started, second.started) == (1, 1)
+
+
+async def test_no_sharing_while_not_serving() -> None:
+    cache = serving_cache(Clock())
+    cache._stop_serving()
+    load = GatedLoad()
+    load.release.set()
+    await asyncio.gather(*(cache.coalesce("id", load) for _ in range(3)))
+    assert load.started == 3
+
+
+async def test_a_caller_going_away_does_not_cancel_the_shared_load() -> None:
+    cache = serving_cache(Clock())
+    load = GatedLoad()
+    leaving = asyncio.ensure_future(cache.coalesce("id", load))
+    staying = asyncio.ensure_future(cache.coalesce("id", load))
+    await load.began.wait()
+    leaving.cancel()
+    await asyncio.gather(leaving, return_exceptions=True)
+    load.release.set()
+    assert await staying is load.answer
+    assert leaving.cancelled()
+
+
+async def test_a_failed_load_fails_every_caller_and_is_not_kept() -> None:
+    cache = serving_cache(Clock())
+    load = GatedLoad(error=ConnectionError("redis went away"))
+    callers = [asyncio.ensure_future(cache.coalesce("id", load)) for _ in range(3)]
+    await load.began.wait()
+    load.release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError] * 3
+    assert load.started == 1
+    assert cache._loading == {}
