@@ -35,10 +35,10 @@ _COMPACT = re.compile(rf"({_SEGMENT})\.({_SEGMENT})\.({_SEGMENT})")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # Claims a token is not valid before, and the result when one is not a number (pyjwt's).
 _NOT_BEFORE_CLAIMS = (("iat", "bad_iat"), ("nbf", "malformed"))
-# An issuer signs every token with the same few headers ({"alg", "kid", "typ"}): the checked
-# header of a header segment seen before is reused, read-only. Bounded; cleared when full.
-_HEADERS_KEPT = 64
-_headers: dict[str, Mapping[str, Any]] = {}
+# An issuer signs every token with the same few headers ({"alg", "kid", "typ"}): the caller
+# keeps the checked header of each header segment seen, reused read-only. Bounded: the
+# memo is cleared when it holds this many.
+HEADERS_KEPT = 64
 _PKCS1V15 = padding.PKCS1v15()
 
 
@@ -84,18 +84,19 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def parse(token: str) -> CompactJws:
-    """The three parts of a compact JWS; the header decoded, nothing verified yet."""
+def parse(token: str, known_headers: dict[str, Mapping[str, Any]]) -> CompactJws:
+    """The three parts of a compact JWS; the header decoded, nothing verified yet.
+    ``known_headers`` is the caller's memo of checked headers by segment (see HEADERS_KEPT)."""
     match = _COMPACT.fullmatch(token)
     if match is None:
         raise _malformed()
     head, body, signature = match.groups()
-    header = _headers.get(head)
+    header = known_headers.get(head)
     if header is None:
         header = _parse_header(head)
-        if len(_headers) >= _HEADERS_KEPT:
-            _headers.clear()
-        _headers[head] = header
+        if len(known_headers) >= HEADERS_KEPT:
+            known_headers.clear()
+        known_headers[head] = header
     return CompactJws(
         header=header,
         payload=_decode_segment(body),

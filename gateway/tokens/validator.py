@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -43,6 +43,7 @@ class TokenValidator:
             alg: jwt.get_algorithm_by_name(alg) for alg in settings.algorithms
         }
         self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._headers: dict[str, Mapping[str, Any]] = {}  # checked JOSE headers, see jws
         self._cache_generation = -1
         self._required = ("exp", "iat", "iss") + (("aud",) if settings.audience else ())
 
@@ -83,7 +84,7 @@ class TokenValidator:
         self, token: str, *, audience: tuple[str, ...], require: Sequence[str]
     ) -> dict[str, Any]:
         """Any JWT of our issuer (access, ID or logout token): signature, iss, aud, times."""
-        parsed = jws.parse(token)
+        parsed = jws.parse(token, self._headers)
         alg = parsed.header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:
             # SECURITY: rejects "none" and HS* before any key is looked at.
