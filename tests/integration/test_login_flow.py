@@ -340,3 +340,38 @@ async def test_login_binding_cookie_never_reaches_the_upstream(bff: Bff) -> None
         assert resp.status == 200
     forwarded = bff.upstream.seen[-1].headers.get("Cookie", "")
     assert "tokengate-login" not in forwarded
+
+
+async def test_a_session_from_the_real_idp_costs_redis_a_few_kilobytes(
+    bff: Bff, redis_server: RedisServerProcess
+) -> None:
+    """What one browser session costs Redis (``MEMORY USAGE``, every element counted): its
+    HASH (sealed access, refresh and ID token from oidc-provider, the kept claims) and its
+    two index SETs. A budget, so that a change which bloats the session shows up here."""
+    browser = bff.browser()
+    await bff.login(browser)
+    session = await stored_session(bff, browser)
+    assert session is not None
+    assert session.id_token
+    assert session.refresh_token
+    cookie = session_cookie(bff, browser)
+    secret = parse_secret(cookie or "")
+    assert secret is not None
+    prefix = bff.settings.session.key_prefix
+    storage_id = derive_handle(secret).storage_id
+    async with redis_asyncio.Redis.from_url(redis_server.url) as raw:
+        session_bytes = await raw.memory_usage(f"{prefix}:{{{storage_id}}}:s", samples=0)
+        index_bytes = {
+            key.decode().split(":")[1]: await raw.memory_usage(key, samples=0)
+            async for key in raw.scan_iter(match=f"{prefix}:s[iu][bd]:*", count=1000)
+            if await raw.sismember(key, storage_id)  # type: ignore[misc]
+        }
+    sizes = [len(t) for t in (session.access_token, session.refresh_token, session.id_token)]
+    print(f"tokens {sizes} B: session HASH {session_bytes} B, index SETs {index_bytes} B")
+    assert session_bytes is not None
+    assert 1000 < session_bytes <= 4096
+    # Indexed by subject (a SET shared with alice's other sessions in this Redis) and by
+    # the IdP's session id (this login's alone).
+    assert sorted(index_bytes) == ["sid", "sub"]
+    assert index_bytes["sid"] is not None
+    assert index_bytes["sid"] <= 512
