@@ -87,6 +87,12 @@ class Metrics:
             "Session store operations that failed.",
             registry=r,
         )
+        self.session_cache_total = Counter(
+            "tokengate_session_cache_total",
+            "Session reads by how this process's local cache answered them.",
+            ("result",),
+            registry=r,
+        )
         self.sessions_created_total = Counter(
             "tokengate_sessions_created_total", "Sessions created at login.", registry=r
         )

@@ -80,6 +80,7 @@ class LocalSessionCache:
         return self._serving
 
     def get(self, storage_id: str) -> Session | None:
+        """The kept copy, counted as a ``hit``; a miss is counted by ``coalesce``."""
         if not self._serving:
             return None
         entry = self._entries.get(storage_id)
@@ -89,7 +90,12 @@ class LocalSessionCache:
         if until <= self._clock():
             del self._entries[storage_id]
             return None
+        self._count("hit")
         return session
+
+    def _count(self, result: str) -> None:
+        metrics = self._metrics
+        metrics.child(metrics.session_cache_total, result).inc()
 
     def put(self, storage_id: str, session: Session, generation: int) -> None:
         """Keep ``session``, loaded from Redis when the generation was ``generation``."""
@@ -108,11 +114,17 @@ class LocalSessionCache:
     async def coalesce(
         self, storage_id: str, load: Callable[[], Awaitable[Session | None]]
     ) -> Session | None:
-        """``load()``, shared with every caller for ``storage_id`` while one is under way."""
+        """``load()``, shared with every caller for ``storage_id`` while one is under way.
+        Counted as ``miss`` (this caller loads), ``shared`` (it joins a load under way) or
+        ``off`` (the cache is not serving: every caller loads)."""
         if not self._serving:
+            self._count("off")
             return await load()
         flight = self._loading.get(storage_id)
-        if flight is None:
+        if flight is not None:
+            self._count("shared")
+        else:
+            self._count("miss")
             flight = asyncio.ensure_future(load())
             self._loading[storage_id] = flight
             flight.add_done_callback(lambda task: self._landed(storage_id, task))

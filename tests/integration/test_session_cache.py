@@ -22,6 +22,7 @@ from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
+from tests.support.metrics import session_cache_reads
 from tests.support.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.integration
@@ -192,6 +193,10 @@ async def test_a_burst_on_an_uncached_session_makes_one_redis_read(
     loaded = await asyncio.gather(*(b.load(handle, cached=True) for _ in range(100)))
     assert {s.access_token if s else None for s in loaded} == {"access-1"}
     assert await evalsha_calls(raw) - before == 1
+    assert await b.load(handle, cached=True) is not None  # kept: no Redis
+    assert b.cache is not None
+    assert session_cache_reads(b.cache._metrics) == {"miss": 1, "shared": 99, "hit": 1}
     # Uncached reads (refresh, logout) never share: each asks Redis.
     await asyncio.gather(*(b.load(handle) for _ in range(3)))
     assert await evalsha_calls(raw) - before == 4
+    assert session_cache_reads(b.cache._metrics) == {"miss": 1, "shared": 99, "hit": 1}

@@ -41,8 +41,8 @@ DEPLOY_KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 OPERATOR_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 TMP_MOUNT = "/tmp"  # noqa: S108 - a mount path in a pod spec, not a file this test writes
 
-# What a dashboard or an alert may query: DESIGN.md's metrics, which gateway/metrics.py
-# exports (checked below).
+# What a dashboard or an alert may query: DESIGN.md's metrics and our additions (ready,
+# IdP calls, session cache), which gateway/metrics.py exports (checked below).
 KNOWN_METRICS = frozenset(
     {
         "tokengate_http_requests_total",
@@ -54,6 +54,7 @@ KNOWN_METRICS = frozenset(
         "tokengate_idp_request_duration_seconds",
         "tokengate_jwks_fetch_total",
         "tokengate_session_store_errors_total",
+        "tokengate_session_cache_total",
         "tokengate_sessions_created_total",
         "tokengate_sessions_ended_total",
         "tokengate_ready",

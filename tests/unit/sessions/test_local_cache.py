@@ -8,6 +8,7 @@ from typing import Any
 from gateway.metrics import Metrics
 from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session
+from tests.support.metrics import session_cache_reads
 
 
 class Clock:
@@ -153,3 +154,21 @@ async def test_a_failed_load_fails_every_caller_and_is_not_kept() -> None:
     assert [type(r) for r in results] == [ConnectionError] * 3
     assert load.started == 1
     assert cache._loading == {}
+
+
+async def test_every_read_is_counted_by_how_the_cache_answered() -> None:
+    clock = Clock()
+    cache = serving_cache(clock)
+    load = GatedLoad()
+    callers = [asyncio.ensure_future(cache.coalesce("id", load)) for _ in range(3)]
+    await load.began.wait()
+    load.release.set()
+    await asyncio.gather(*callers)
+    cache.put("id", session(), cache.generation)
+    assert cache.get("id") is not None
+    assert cache.get("other") is None  # not counted here: its coalesce counts the miss
+    assert session_cache_reads(cache._metrics) == {"miss": 1, "shared": 2, "hit": 1}
+    cache._stop_serving()
+    assert cache.get("id") is None
+    await cache.coalesce("id", load)
+    assert session_cache_reads(cache._metrics) == {"miss": 1, "shared": 2, "hit": 1, "off": 1}
