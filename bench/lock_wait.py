@@ -1,8 +1,10 @@
 """How fast does a replica waiting on another's refresh lock notice its release?
 
-Compares the store's strategy (poll EXISTS with backoff, 5 ms growing to 50 ms) with Redis
-pub/sub (the holder PUBLISHes on release, waiters SUBSCRIBE), on a real redis-server on
-loopback. Prints wake-up delay after release (p50/p99) and Redis commands per wait.
+Compares, on a real redis-server on loopback: the store without its invalidation feed
+(poll EXISTS with backoff, 5 ms growing to 50 ms: ``local_cache_s: 0`` or the feed down);
+the store with it (the release is published on the feed the local cache already
+subscribes to, and wakes the waiters); and bare Redis pub/sub (a subscription per wait), the
+lower bound. Prints wake-up delay after release (p50/p99) and Redis commands per wait.
 
     PYTHONPATH=. .venv/bin/python bench/lock_wait.py
 """
@@ -26,10 +28,14 @@ TRIALS = 40
 HOLD_S = 0.2  # a typical IdP refresh
 
 
-async def polling(url: str) -> tuple[list[float], float]:
-    settings = SessionSettings(redis_url=url)
+async def store_waits(url: str, *, feed: bool) -> tuple[list[float], float]:
+    settings = SessionSettings(redis_url=url, local_cache_s=5 if feed else 0)
     stores = [RedisSessionStore(settings, build_redis(settings), Metrics()) for _ in range(WAITERS)]
     holder = RedisSessionStore(settings, build_redis(settings), Metrics())
+    for store in stores if feed else ():
+        store.start()
+        assert store.cache is not None
+        await store.cache.wait_serving(True, timeout_s=5)
     delays: list[float] = []
     raw = Redis.from_url(url)
     before = int((await raw.info("stats"))["total_commands_processed"])
@@ -93,14 +99,15 @@ def describe(name: str, delays: list[float], commands: float) -> str:
     ordered = sorted(delays)
     p99 = ordered[int(len(ordered) * 0.99) - 1]
     return (
-        f"{name:<8} wake-up after release p50 {statistics.median(ordered) * 1000:6.2f} ms  "
+        f"{name:<10} wake-up after release p50 {statistics.median(ordered) * 1000:6.2f} ms  "
         f"p99 {p99 * 1000:6.2f} ms  redis commands per wait {commands:5.1f}"
     )
 
 
 async def main() -> None:
     with RedisServerProcess() as server:
-        print(describe("polling", *await polling(server.url)))
+        print(describe("polling", *await store_waits(server.url, feed=False)))
+        print(describe("feed", *await store_waits(server.url, feed=True)))
         print(describe("pub/sub", *await pubsub(server.url)))
 
 

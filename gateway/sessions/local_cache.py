@@ -14,8 +14,12 @@ sent meanwhile are lost. A load that raced an invalidation is not kept.
 Concurrent misses for one session share one load (``coalesce``): a burst of requests on a
 session not in the cache (a page load, a refresh storm) makes one Redis round trip, not
 one each. A load under way is shared only until an invalidation of its session arrives;
-requests after that start a new one, so sharing never shows what a copy could not. What a session is
-and how it is stored is ``redis_store``'s business; this module only keeps copies.
+requests after that start a new one, so sharing never shows what a copy could not.
+
+The same channel carries ``unlock:<storage id>`` when a refresh lock is released: it drops
+nothing, and wakes this process's request waiting for that lock (``lock_released``).
+What a session is and how it is stored is ``redis_store``'s business; this module only
+keeps copies.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -37,6 +41,13 @@ log = logging.getLogger(__name__)
 _READ_TIMEOUT_S = 1.0  # get_message waits this long, then loops (and notices aclose)
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 5.0
+# On the invalidation channel, next to storage ids: "unlock:<storage id>", a refresh lock
+# released (no copy is dropped for it). A replica that predates it drops nothing real.
+_UNLOCK = "unlock:"
+
+
+def unlock_message(storage_id: str) -> str:
+    return _UNLOCK + storage_id
 
 
 class LocalSessionCache:
@@ -70,6 +81,8 @@ class LocalSessionCache:
         self._off = asyncio.Event()
         self._off.set()
         self._dropped = asyncio.Event()
+        # Refresh-lock waiters by storage id, woken by a release published on any replica.
+        self._lock_waiters: dict[str, set[asyncio.Future[None]]] = {}
 
     @property
     def generation(self) -> int:
@@ -142,6 +155,27 @@ class LocalSessionCache:
         self._entries.pop(storage_id, None)
         self._loading.pop(storage_id, None)  # later callers must not join an older read
         self._dropped.set()
+        self._wake_lock_waiters(storage_id)  # a changed session: worth a look at its lock
+
+    @contextlib.contextmanager
+    def lock_released(self, storage_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future done when a release of ``storage_id``'s refresh lock is published (see
+        ``unlock_message``), when its session changes, or when the feed goes down. Enter it
+        *before* looking at the lock, so that a release in between is not missed."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._lock_waiters.setdefault(storage_id, set())
+        waiters.add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiters.discard(waiter)
+            if not waiters and self._lock_waiters.get(storage_id) is waiters:
+                del self._lock_waiters[storage_id]
+
+    def _wake_lock_waiters(self, storage_id: str) -> None:
+        for waiter in self._lock_waiters.get(storage_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def publish(self, *storage_ids: str) -> None:
         """Tell every replica (this one included, at once) that these sessions changed."""
@@ -180,7 +214,12 @@ class LocalSessionCache:
                 await self._task
             self._task = None
 
+    def _wake_all_lock_waiters(self) -> None:
+        for storage_id in list(self._lock_waiters):
+            self._wake_lock_waiters(storage_id)
+
     def _stop_serving(self) -> None:
+        self._wake_all_lock_waiters()  # no release will reach them now: they poll
         self._serving = False
         self._on.clear()
         self._off.set()
@@ -204,14 +243,18 @@ class LocalSessionCache:
                         # published in between is lost, so every copy goes.
                         self._entries.clear()
                         self.drop("")
+                        self._wake_all_lock_waiters()  # a release may have been lost too
                         self._serving = True
                         self._off.clear()
                         self._on.set()
                         backoff_s = _BACKOFF_FIRST_S
                         log.info("session_cache", extra={"state": "serving"})
                     elif message["type"] == "message":
-                        for storage_id in bytes(message["data"]).decode().split():
-                            self.drop(storage_id)
+                        for word in bytes(message["data"]).decode().split():
+                            if word.startswith(_UNLOCK):
+                                self._wake_lock_waiters(word[len(_UNLOCK) :])
+                            else:
+                                self.drop(word)
             except (RedisError, OSError) as exc:
                 if self._serving:
                     log.warning(

@@ -23,6 +23,7 @@ The cookie, the crypto and the refresh protocol live in their own modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,7 +48,7 @@ from gateway.sessions.crypto import (
     seal_session,
     slot_aad,
 )
-from gateway.sessions.local_cache import LocalSessionCache
+from gateway.sessions.local_cache import LocalSessionCache, unlock_message
 from gateway.sessions.model import LoginState, Session, SessionHandle
 from gateway.settings import SessionSettings
 
@@ -60,6 +61,9 @@ _HEALTH_CHECK_INTERVAL_S = 30.0  # PING a pooled connection idle longer than thi
 _SENTINEL_PORT = 26379
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
+# With the invalidation feed up, a release is published and wakes a waiting replica; it
+# still looks this often, for a lock whose holder died (its TTL runs out, unpublished).
+_POLL_WITH_FEED_S = 0.25
 
 # KEYS[1] session hash. ARGV[1] now ms, ARGV[2] idle ms, ARGV[3] absolute ms.
 # Returns {version, sealed data}, or nil when absent or past the absolute timeout (deleted).
@@ -124,10 +128,14 @@ end
 return 1
 """
 
-# KEYS[1] lock. ARGV[1] our token. Returns 1 when released, 0 when the lock is not ours.
+# KEYS[1] lock. ARGV[1] our token, ARGV[2] invalidation channel, ARGV[3] the unlock message.
+# Returns 1 when released (and published, so waiting replicas look again), 0 when the lock
+# is not ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
 end
 return 0
 """
@@ -400,25 +408,41 @@ class RedisSessionStore:
             return bool(await self._client.set(key, token, nx=True, px=max(int(ttl_s * 1000), 1)))
 
     async def release_lock(self, handle: SessionHandle, token: str) -> bool:
+        storage_id = handle.storage_id
         with self._translated():
-            return bool(await self._release(keys=[self._lock_key(handle.storage_id)], args=[token]))
+            released = await self._release(
+                keys=[self._lock_key(storage_id)],
+                args=[token, self._channel, unlock_message(storage_id)],
+            )
+        return bool(released)
 
     async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
-        # Polling, because a Redis key's deletion or expiry sends no message we could await
-        # without keyspace notifications; the caller's single flight keeps it to one poller.
+        # A release is published (_RELEASE): while the local cache's subscription is up,
+        # it wakes us, and a poll every _POLL_WITH_FEED_S only catches a lock that ran out
+        # its TTL. Without the feed we poll with backoff; a key's expiry sends no message
+        # without keyspace notifications. The caller's single flight keeps it to one waiter
+        # per process and session.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         key = self._lock_key(handle.storage_id)
         delay_s = _POLL_FIRST_S
         while True:
-            with self._translated():
-                if not await self._client.exists(key):
+            cache = self._cache
+            with contextlib.ExitStack() as stack:
+                released = None
+                if cache is not None and cache.serving:
+                    released = stack.enter_context(cache.lock_released(handle.storage_id))
+                with self._translated():
+                    if not await self._client.exists(key):
+                        return
+                remaining_s = deadline - loop.time()
+                if remaining_s <= 0:
                     return
-            remaining_s = deadline - loop.time()
-            if remaining_s <= 0:
-                return
-            await asyncio.sleep(min(delay_s, remaining_s))
-            delay_s = min(delay_s * 2, _POLL_MAX_S)
+                if released is not None:
+                    await asyncio.wait({released}, timeout=min(_POLL_WITH_FEED_S, remaining_s))
+                else:
+                    await asyncio.sleep(min(delay_s, remaining_s))
+                    delay_s = min(delay_s * 2, _POLL_MAX_S)
 
     async def ping(self) -> bool:
         """True when Redis answers; False, never an exception, when it does not."""

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.metrics import Metrics
+from gateway.sessions import redis_store
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session, SessionHandle
@@ -200,3 +201,66 @@ async def test_a_burst_on_an_uncached_session_makes_one_redis_read(
     await asyncio.gather(*(b.load(handle) for _ in range(3)))
     assert await evalsha_calls(raw) - before == 4
     assert session_cache_reads(b.cache._metrics) == {"miss": 1, "shared": 99, "hit": 1}
+
+
+async def command_calls(raw: Redis, command: str) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_lock_released_on_one_replica_wakes_the_waiter_on_another(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The release is published: the waiter looks at the lock twice (before and after the
+    wake-up), not every few milliseconds, and the release drops no cached copy."""
+    # No fallback poll within this test: only the published release can wake the waiter.
+    monkeypatch.setattr(redis_store, "_POLL_WITH_FEED_S", 60.0)
+    a, b, raw = replicas
+    handle, session = new_session()
+    await a.create(handle, session)
+    assert await b.load(handle, cached=True) is not None
+    assert b.cache is not None
+    assert await a.acquire_lock(handle, "holder", 30)
+    before = await command_calls(raw, "exists")
+    waiter = asyncio.create_task(b.wait_for_unlock(handle, 30))
+    done, _ = await asyncio.wait({waiter}, timeout=0.05)
+    assert not done  # still locked: still waiting
+    assert handle.storage_id in b.cache._lock_waiters  # parked on the feed
+    assert await a.release_lock(handle, "holder")
+    async with asyncio.timeout(WAIT_S):
+        await waiter
+    assert await command_calls(raw, "exists") - before == 2
+    assert b.cache.get(handle.storage_id) is not None  # an unlock is no invalidation
+    assert b.cache._lock_waiters == {}
+
+
+async def test_a_lock_whose_holder_died_is_noticed_by_the_fallback_poll(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    """A lock that runs out its TTL publishes nothing; the waiter still looks now and then."""
+    a, b, _ = replicas
+    handle = new_session()[0]
+    assert await a.acquire_lock(handle, "crashed", 0.1)  # never released
+    async with asyncio.timeout(WAIT_S):
+        await b.wait_for_unlock(handle, 30)
+    assert await b.acquire_lock(handle, "next", 30)
+
+
+async def test_a_release_lost_while_the_feed_reconnects_still_wakes_the_waiter(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Messages published while a subscription is down are lost; a new subscription wakes
+    every waiter to look at its lock again."""
+    monkeypatch.setattr(redis_store, "_POLL_WITH_FEED_S", 60.0)
+    a, b, raw = replicas
+    handle = new_session()[0]
+    assert await a.acquire_lock(handle, "holder", 30)
+    waiter = asyncio.create_task(b.wait_for_unlock(handle, 30))
+    done, _ = await asyncio.wait({waiter}, timeout=0.05)
+    assert not done
+    await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:lock")  # released, unpublished
+    await raw.client_kill_filter(_type="pubsub")  # the feed breaks; redis-py resubscribes
+    async with asyncio.timeout(WAIT_S):
+        await waiter

@@ -172,3 +172,16 @@ async def test_every_read_is_counted_by_how_the_cache_answered() -> None:
     assert cache.get("id") is None
     await cache.coalesce("id", load)
     assert session_cache_reads(cache._metrics) == {"miss": 1, "shared": 2, "hit": 1, "off": 1}
+
+
+async def test_a_lock_waiter_wakes_for_its_session_or_the_feed_going_down() -> None:
+    cache = serving_cache(Clock())
+    with cache.lock_released("id") as released:
+        cache.drop("other")
+        assert not released.done()
+        cache.drop("id")  # its session changed: look at the lock again
+        assert released.done()
+    with cache.lock_released("id") as released:
+        cache._stop_serving()  # no release can reach it any more: it must poll
+        assert released.done()
+    assert cache._lock_waiters == {}
