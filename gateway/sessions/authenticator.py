@@ -73,15 +73,16 @@ class SessionAuthenticator:
         )
 
     async def authenticate(self, request: web.Request, route: Route) -> Principal:
-        if not self._cookies.has_session_cookie(request):
+        value = self._cookies.session_value(request)  # read once: this is every request
+        if value is None:
             raise AuthenticationRequiredError(
                 "log in, or send a Bearer access token", login_url=self._login_url
             )
         self.check_csrf(request)
-        loaded = await self.load(request)
-        if loaded is None:
+        handle = self._cookies.handle_of(value)
+        session = None if handle is None else await self._store.load(handle, cached=True)
+        if handle is None or session is None:
             raise self.expired()
-        handle, session = loaded
         try:
             session = await self._refresher.ensure_fresh(handle, session)
         except SessionExpiredError:

@@ -76,8 +76,14 @@ class SessionCookies:
 
     def session_handle(self, request: web.Request) -> SessionHandle | None:
         value = cookie_value(request, self.name)
-        if value is None:
-            return None
+        return None if value is None else self.handle_of(value)
+
+    def session_value(self, request: web.Request) -> str | None:
+        """The session cookie as sent, None without one (``handle_of`` judges it)."""
+        return cookie_value(request, self.name)
+
+    def handle_of(self, value: str) -> SessionHandle | None:
+        """The handle a session cookie's value leads to; None for a value we never issue."""
         handles = self._handles
         handle = handles.get(value)
         if handle is None:

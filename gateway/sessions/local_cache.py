@@ -67,6 +67,7 @@ class LocalSessionCache:
         self._client = client
         self._channel = channel
         self._metrics = metrics
+        self._hits = metrics.child(metrics.session_cache_total, "hit")  # every cached read
         self._max_age_s = max_age_s
         self._max_entries = max_entries
         self._absolute_timeout_s = absolute_timeout_s
@@ -103,7 +104,7 @@ class LocalSessionCache:
         if until <= self._clock():
             del self._entries[storage_id]
             return None
-        self._count("hit")
+        self._hits.inc()
         return session
 
     def _count(self, result: str) -> None:
