@@ -11,6 +11,15 @@ The cache serves only while its subscription is confirmed: from a disconnect unt
 subscription is back it is empty and off (every load goes to Redis), because invalidations
 sent meanwhile are lost. A load that raced an invalidation is not kept.
 
+A connection can also die without a word (a NAT or load balancer forgetting an idle flow,
+a failover behind a proxy): the subscriber only reads, so it would wait forever while the
+invalidations go elsewhere, and redis-py's own health check sends a PING but never looks
+for the answer. So the listener sends a PING of its own on the subscription every
+``_HEARTBEAT_S`` and a copy is served only while a PING sent at most ``_FRESH_S`` ago has
+come back: Redis answers in order, so by then every invalidation published before that
+PING has been applied. Past ``_SILENT_S`` without an answer the connection is given up
+(cache emptied and off) and a new one subscribes.
+
 Concurrent misses for one session share one load (``coalesce``): a burst of requests on a
 session not in the cache (a page load, a refresh storm) makes one Redis round trip, not
 one each. A load under way is shared only until an invalidation of its session arrives;
@@ -27,10 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from gateway.metrics import Metrics
@@ -39,6 +49,10 @@ from gateway.sessions.model import Session
 log = logging.getLogger(__name__)
 
 _READ_TIMEOUT_S = 1.0  # get_message waits this long, then loops (and notices aclose)
+_HEARTBEAT_S = 1.0  # a PING on the subscription this often
+_FRESH_S = 2.0  # copies are served while a PING sent at most this long ago was answered
+_SILENT_S = 5.0  # a PING unanswered this long: the connection is dead, subscribe anew
+_HEARTBEAT = "hb:"  # our PINGs' payload prefix (redis-py's own health check is filtered)
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 5.0
 # On the invalidation channel, next to storage ids: "unlock:<storage id>", a refresh lock
@@ -48,6 +62,10 @@ _UNLOCK = "unlock:"
 
 def unlock_message(storage_id: str) -> str:
     return _UNLOCK + storage_id
+
+
+class FeedSilentError(ConnectionError):
+    """The subscription stopped answering its heartbeat: half-open, or Redis stuck."""
 
 
 class LocalSessionCache:
@@ -76,6 +94,8 @@ class LocalSessionCache:
         self._loading: dict[str, asyncio.Task[Session | None]] = {}  # shared loads
         self._generation = 0  # counts invalidations (and resets): a racing load is not kept
         self._serving = False  # True only while the subscription is confirmed
+        # Copies are served until then (clock): a heartbeat sent before it came back.
+        self._heard_until = 0.0
         self._task: asyncio.Task[None] | None = None
         # For whoever must know (readiness, tests): serving or not, and any invalidation.
         self._on = asyncio.Event()
@@ -101,9 +121,12 @@ class LocalSessionCache:
         if entry is None:
             return None
         session, until = entry
-        if until <= self._clock():
+        now = self._clock()
+        if until <= now:
             del self._entries[storage_id]
             return None
+        if self._heard_until <= now:
+            return None  # the feed is late: an invalidation may be on its way
         self._hits.inc()
         return session
 
@@ -131,7 +154,7 @@ class LocalSessionCache:
         """``load()``, shared with every caller for ``storage_id`` while one is under way.
         Counted as ``miss`` (this caller loads), ``shared`` (it joins a load under way) or
         ``off`` (the cache is not serving: every caller loads)."""
-        if not self._serving:
+        if not self._serving or self._heard_until <= self._clock():
             self._count("off")
             return await load()
         flight = self._loading.get(storage_id)
@@ -222,6 +245,7 @@ class LocalSessionCache:
     def _stop_serving(self) -> None:
         self._wake_all_lock_waiters()  # no release will reach them now: they poll
         self._serving = False
+        self._heard_until = 0.0
         self._on.clear()
         self._off.set()
         self._entries.clear()
@@ -234,34 +258,14 @@ class LocalSessionCache:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                while True:
-                    message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        # Confirmed: from here on no invalidation can pass us unseen. It
-                        # comes again after redis-py reconnected on its own: what was
-                        # published in between is lost, so every copy goes.
-                        self._entries.clear()
-                        self.drop("")
-                        self._wake_all_lock_waiters()  # a release may have been lost too
-                        self._serving = True
-                        self._off.clear()
-                        self._on.set()
-                        backoff_s = _BACKOFF_FIRST_S
-                        log.info("session_cache", extra={"state": "serving"})
-                    elif message["type"] == "message":
-                        for word in bytes(message["data"]).decode().split():
-                            if word.startswith(_UNLOCK):
-                                self._wake_lock_waiters(word[len(_UNLOCK) :])
-                            else:
-                                self.drop(word)
+                await self._follow(pubsub)
             except (RedisError, OSError) as exc:
                 if self._serving:
                     log.warning(
                         "session_cache",
                         extra={"state": "off", "error_type": type(exc).__name__},
                     )
+                    backoff_s = _BACKOFF_FIRST_S  # it worked until now: retry soon
                 self._stop_serving()
                 self._metrics.session_store_errors_total.inc()
             finally:
@@ -269,3 +273,55 @@ class LocalSessionCache:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+
+    async def _follow(self, pubsub: PubSub) -> None:
+        """Apply what the subscription brings, and keep proving it alive; raises when the
+        connection fails or falls silent."""
+        beats: deque[tuple[str, float]] = deque()  # heartbeats unanswered: payload, sent at
+        sequence = 0
+        next_beat = self._clock()
+        while True:
+            timeout_s = _READ_TIMEOUT_S
+            if self._serving:
+                now = self._clock()
+                if beats and now - beats[0][1] > _SILENT_S:
+                    raise FeedSilentError(f"no answer to a PING for {_SILENT_S:g} s")
+                if now >= next_beat:
+                    sequence += 1
+                    payload = f"{_HEARTBEAT}{sequence}"
+                    beats.append((payload, now))
+                    await pubsub.ping(payload)
+                    next_beat = now + _HEARTBEAT_S
+                timeout_s = min(timeout_s, max(next_beat - now, 0.0))
+            message = await pubsub.get_message(timeout=timeout_s)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                for word in bytes(message["data"]).decode().split():
+                    if word.startswith(_UNLOCK):
+                        self._wake_lock_waiters(word[len(_UNLOCK) :])
+                    else:
+                        self.drop(word)
+            elif kind == "pong":
+                answered = bytes(message["data"]).decode()
+                while beats:  # answers come in order: earlier ones are not coming
+                    payload, sent_at = beats.popleft()
+                    if payload == answered:
+                        self._heard_until = sent_at + _FRESH_S
+                        break
+            elif kind == "subscribe":
+                # Confirmed: from here on no invalidation can pass us unseen. It comes
+                # again after redis-py reconnected on its own: what was published in
+                # between is lost, so every copy goes, and so do PINGs sent before.
+                self._entries.clear()
+                self.drop("")
+                self._wake_all_lock_waiters()  # a release may have been lost too
+                beats.clear()
+                now = self._clock()
+                self._heard_until = now + _FRESH_S
+                next_beat = now
+                self._serving = True
+                self._off.clear()
+                self._on.set()
+                log.info("session_cache", extra={"state": "serving"})

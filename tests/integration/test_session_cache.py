@@ -17,12 +17,13 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.metrics import Metrics
-from gateway.sessions import redis_store
+from gateway.sessions import local_cache, redis_store
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
+from tests.fakes.tcp_relay import TcpRelay
 from tests.support.metrics import session_cache_reads
 from tests.support.redis_server import RedisServerProcess
 
@@ -164,6 +165,38 @@ async def test_a_broken_invalidation_feed_drops_every_copy(
     await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
     await cache_of(b).wait_serving(True, timeout_s=WAIT_S)
     assert await b.load(handle, cached=True) is None
+
+
+async def test_a_feed_fallen_silent_is_given_up_and_its_copies_with_it(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+    redis_server: RedisServerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A half-open subscription (a NAT forgot the flow) raises no error and brings no
+    message: the heartbeat notices, the copies go, and a new subscription takes over."""
+    monkeypatch.setattr(local_cache, "_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(local_cache, "_FRESH_S", 0.1)
+    monkeypatch.setattr(local_cache, "_SILENT_S", 0.3)
+    a, _, _ = replicas
+    relay = await TcpRelay("127.0.0.1", redis_server.port).start()
+    url = f"redis://127.0.0.1:{relay.port}/0"
+    quick = SessionSettings(redis_url=url, key_prefix=PREFIX, local_cache_s=30, redis_timeout_s=0.5)
+    metrics = Metrics()
+    b = RedisSessionStore(quick, build_redis(quick), metrics)
+    try:
+        b.start()
+        await cache_of(b).wait_serving(True, timeout_s=WAIT_S)
+        handle, _ = await cached_on(a, b)
+        assert relay.silence() >= 2  # the subscription and the pooled connection
+        assert await a.delete(handle)  # published; b hears nothing, and nothing fails
+        await cache_of(b).wait_serving(False, timeout_s=WAIT_S)
+        assert cache_of(b).get(handle.storage_id) is None
+        assert metrics.registry.get_sample_value("tokengate_session_store_errors_total") == 1
+        await cache_of(b).wait_serving(True, timeout_s=WAIT_S)  # subscribed anew
+        assert await b.load(handle, cached=True) is None  # the logout holds on b too
+    finally:
+        await b.aclose()
+        await relay.aclose()
 
 
 async def test_redis_gone_turns_the_cache_off(

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from gateway.metrics import Metrics
-from gateway.sessions.local_cache import LocalSessionCache
+from gateway.sessions import local_cache
+from gateway.sessions.local_cache import FeedSilentError, LocalSessionCache
 from gateway.sessions.model import Session
 from tests.support.metrics import session_cache_reads
 
@@ -23,7 +29,8 @@ def serving_cache(clock: Clock, **overrides: Any) -> LocalSessionCache:
     options: dict[str, Any] = {"max_age_s": 2.0, "max_entries": 3, "absolute_timeout_s": 3600}
     options.update(overrides)
     cache = LocalSessionCache(None, "ch", Metrics(), clock=clock, **options)  # type: ignore[arg-type]
-    cache._serving = True  # as after a confirmed subscription
+    cache._serving = True  # as after a confirmed subscription...
+    cache._heard_until = math.inf  # ...whose heartbeat always answers
     return cache
 
 
@@ -66,6 +73,7 @@ def test_nothing_is_kept_or_served_while_not_serving() -> None:
     assert cache.get("id") is None
     cache.put("id", session(), cache.generation)
     cache._serving = True
+    cache._heard_until = math.inf
     assert cache.get("id") is None
 
 
@@ -185,3 +193,108 @@ async def test_a_lock_waiter_wakes_for_its_session_or_the_feed_going_down() -> N
         cache._stop_serving()  # no release can reach it any more: it must poll
         assert released.done()
     assert cache._lock_waiters == {}
+
+
+class FeedEnded(Exception):
+    """The scripted feed has nothing more to say."""
+
+
+Step = Callable[["ScriptedFeed"], dict[str, Any] | None]
+
+
+class ScriptedFeed:
+    """A subscription whose every read is the next step of a script; a step may move the
+    clock. Records the PINGs sent on it."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = deque(steps)
+        self.pings: list[str] = []
+
+    async def ping(self, payload: str) -> None:
+        self.pings.append(payload)
+
+    async def get_message(self, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109  # redis-py's signature
+        await asyncio.sleep(0)
+        if not self.steps:
+            raise FeedEnded
+        return self.steps.popleft()(self)
+
+
+def subscribed(feed: ScriptedFeed) -> dict[str, Any]:
+    return {"type": "subscribe", "channel": b"ch", "data": 1}
+
+
+def answer(index: int) -> Step:
+    return lambda feed: {"type": "pong", "channel": None, "data": feed.pings[index].encode()}
+
+
+def wait(clock: Clock, seconds: float) -> Step:
+    def step(feed: ScriptedFeed) -> None:
+        clock.now += seconds
+
+    return step
+
+
+async def follow(cache: LocalSessionCache, feed: ScriptedFeed) -> None:
+    with pytest.raises(FeedEnded):
+        await cache._follow(feed)  # type: ignore[arg-type]
+
+
+async def test_copies_are_served_only_while_a_recent_heartbeat_came_back() -> None:
+    clock = Clock()
+    cache = serving_cache(clock, max_age_s=60.0)
+    cache._stop_serving()
+    feed = ScriptedFeed([subscribed, answer(0)])
+    await follow(cache, feed)
+    assert feed.pings == ["hb:1"]  # sent at once on a confirmed subscription
+    cache.put("id", session(), cache.generation)
+    clock.now += local_cache._FRESH_S - 0.01
+    assert cache.get("id") is not None
+    clock.now += 0.02  # no newer answer: an invalidation may be stuck on the way
+    assert cache.get("id") is None
+    load = GatedLoad()
+    load.release.set()
+    await cache.coalesce("id", load)
+    assert session_cache_reads(cache._metrics)["off"] == 1
+
+
+async def test_an_answer_counts_from_when_its_ping_was_sent() -> None:
+    clock = Clock()
+    cache = serving_cache(clock, max_age_s=60.0)
+    cache._stop_serving()
+    beat = local_cache._HEARTBEAT_S
+    # Two PINGs go out; the answer to the second arrives late, and answers the first too.
+    feed = ScriptedFeed([subscribed, wait(clock, beat), wait(clock, beat), answer(1)])
+    await follow(cache, feed)
+    assert feed.pings == ["hb:1", "hb:2", "hb:3"]
+    sent_second = 1000.0 + beat
+    assert cache._heard_until == sent_second + local_cache._FRESH_S
+
+
+async def test_a_feed_that_stops_answering_is_given_up() -> None:
+    clock = Clock()
+    cache = serving_cache(clock)
+    cache._stop_serving()
+    beat = local_cache._HEARTBEAT_S
+    steps: list[Step] = [subscribed, answer(0)]
+    steps += [wait(clock, beat)] * int(local_cache._SILENT_S / beat + 2)
+    feed = ScriptedFeed(steps)
+    with pytest.raises(FeedSilentError):
+        await cache._follow(feed)  # type: ignore[arg-type]
+    assert len(feed.steps) <= 1  # it gave up soon after the silence passed the limit
+    assert len(feed.pings) >= local_cache._SILENT_S / beat
+
+
+async def test_a_new_subscription_forgets_pings_sent_before_it() -> None:
+    clock = Clock()
+    cache = serving_cache(clock)
+    cache._stop_serving()
+    beat = local_cache._HEARTBEAT_S
+    silent = int(local_cache._SILENT_S / beat)
+    # redis-py reconnected on its own: PINGs on the old connection will never be answered.
+    steps: list[Step] = [subscribed, *[wait(clock, beat)] * (silent - 1), subscribed]
+    steps += [wait(clock, beat), wait(clock, beat), answer(-1)]  # past the first PING's limit
+    feed = ScriptedFeed(steps)
+    await follow(cache, feed)
+    assert cache.serving
+    assert cache._heard_until > clock.now
