@@ -75,7 +75,7 @@ class SessionCookies:
         self._handles_max = settings.local_cache_size
 
     def session_handle(self, request: web.Request) -> SessionHandle | None:
-        value = cookie_value(request, self.name)
+        value = self.session_value(request)
         return None if value is None else self.handle_of(value)
 
     def session_value(self, request: web.Request) -> str | None:
@@ -96,7 +96,7 @@ class SessionCookies:
         return handle
 
     def has_session_cookie(self, request: web.Request) -> bool:
-        return cookie_value(request, self.name) is not None
+        return self.session_value(request) is not None
 
     def login_secret(self, request: web.Request) -> bytes | None:
         return parse_secret(cookie_value(request, self.login_name))

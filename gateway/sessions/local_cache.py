@@ -94,7 +94,8 @@ class LocalSessionCache:
         self._loading: dict[str, asyncio.Task[Session | None]] = {}  # shared loads
         self._generation = 0  # counts invalidations (and resets): a racing load is not kept
         self._serving = False  # True only while the subscription is confirmed
-        # Copies are served until then (clock): a heartbeat sent before it came back.
+        # Copies are served until then (clock): a heartbeat sent before it came back. 0
+        # while not serving, so this one check covers both.
         self._heard_until = 0.0
         self._task: asyncio.Task[None] | None = None
         # For whoever must know (readiness, tests): serving or not, and any invalidation.
@@ -115,9 +116,7 @@ class LocalSessionCache:
 
     def get(self, storage_id: str) -> Session | None:
         """The kept copy, counted as a ``hit``; a miss is counted by ``coalesce``."""
-        if not self._serving:
-            return None
-        entry = self._entries.get(storage_id)
+        entry = self._entries.get(storage_id)  # none while not serving: emptied, not kept
         if entry is None:
             return None
         session, until = entry
@@ -126,7 +125,7 @@ class LocalSessionCache:
             del self._entries[storage_id]
             return None
         if self._heard_until <= now:
-            return None  # the feed is late: an invalidation may be on its way
+            return None  # not serving, or the feed is late: an invalidation may be on its way
         self._hits.inc()
         return session
 
@@ -154,7 +153,7 @@ class LocalSessionCache:
         """``load()``, shared with every caller for ``storage_id`` while one is under way.
         Counted as ``miss`` (this caller loads), ``shared`` (it joins a load under way) or
         ``off`` (the cache is not serving: every caller loads)."""
-        if not self._serving or self._heard_until <= self._clock():
+        if self._heard_until <= self._clock():  # 0 while not serving
             self._count("off")
             return await load()
         flight = self._loading.get(storage_id)
