@@ -68,6 +68,17 @@ class FeedSilentError(ConnectionError):
     """The subscription stopped answering its heartbeat: half-open, or Redis stuck."""
 
 
+def _raise_if_cancelled() -> None:
+    """Raise a cancellation of this task that a library swallowed. redis-py sends with
+    ``asyncio.wait_for`` when ``socket_timeout`` is set, and on Python 3.11 ``wait_for``
+    returns the result of a send that finished as the cancellation came, dropping it
+    (python/cpython#86296): without this, ``aclose`` would wait for the listener forever.
+    The request is still counted by ``Task.cancelling()``."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class LocalSessionCache:
     """Owns its subscriber task (``start``/``aclose``); borrows the store's Redis client."""
 
@@ -254,6 +265,7 @@ class LocalSessionCache:
     async def _listen(self) -> None:
         backoff_s = _BACKOFF_FIRST_S
         while True:
+            _raise_if_cancelled()
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
@@ -280,6 +292,7 @@ class LocalSessionCache:
         sequence = 0
         next_beat = self._clock()
         while True:
+            _raise_if_cancelled()
             timeout_s = _READ_TIMEOUT_S
             if self._serving:
                 now = self._clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable
@@ -298,3 +299,37 @@ async def test_a_new_subscription_forgets_pings_sent_before_it() -> None:
     await follow(cache, feed)
     assert cache.serving
     assert cache._heard_until > clock.now
+
+
+class SwallowingFeed(ScriptedFeed):
+    """A PING that finishes as the cancellation comes and returns instead of raising it,
+    as redis-py's send through ``asyncio.wait_for`` does on Python 3.11
+    (python/cpython#86296); then reads that bring nothing, forever."""
+
+    def __init__(self) -> None:
+        super().__init__([subscribed])
+        self.sending = asyncio.Event()
+
+    async def ping(self, payload: str) -> None:
+        self.pings.append(payload)
+        self.sending.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    async def get_message(self, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109  # redis-py's signature
+        if self.steps:
+            return await super().get_message(timeout)
+        await asyncio.sleep(0)
+        return None
+
+
+async def test_a_cancellation_swallowed_by_redis_py_still_stops_the_listener() -> None:
+    cache = serving_cache(Clock())
+    cache._stop_serving()
+    feed = SwallowingFeed()
+    listener = asyncio.create_task(cache._follow(feed))  # type: ignore[arg-type]
+    await feed.sending.wait()
+    listener.cancel()  # as aclose does, while the PING is being sent
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(1.0):  # it kept reading, cancelled, until shutdown hung
+            await listener
