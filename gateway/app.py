@@ -34,7 +34,6 @@ from gateway.sessions.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import SessionStore
-from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.sessions.refresh import Refresher
 from gateway.settings import Settings
 from gateway.tokens.jwks import JwksCache
@@ -140,6 +139,10 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         store = MemorySessionStore(settings.session)
         log.warning("memory_session_store", extra={"note": "one replica only; lost on restart"})
     else:
+        # Imported here: redis-py is 5 MiB of every process's memory, and a sidecar that
+        # only checks bearer tokens never needs it.
+        from gateway.sessions.redis_store import RedisSessionStore, build_redis
+
         redis_store = RedisSessionStore(
             settings.session, build_redis(settings.session), app[METRICS]
         )

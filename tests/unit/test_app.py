@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -62,3 +65,25 @@ async def test_resources_open_in_order_and_close_in_reverse(
     assert jwks_task.done()
     assert app[REFRESHER]._flights == {}
     assert app[STORE] is not None
+
+
+def test_a_bearer_only_gateway_never_loads_redis_py(
+    issuer: FakeIssuer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    # 5 MiB of memory in every sidecar process that checks bearer tokens only.
+    config = base_config(issuer.url, upstream[1])
+    program = (
+        "import sys, json, gateway.cli, gateway.server\n"
+        "from gateway.app import build_app\n"
+        "from gateway.settings import parse_settings\n"
+        "build_app(parse_settings(json.loads(sys.argv[1])))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", program, json.dumps(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.stdout.strip() == "[]"
