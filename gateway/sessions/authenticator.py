@@ -61,7 +61,11 @@ class SessionAuthenticator:
 
     async def load(self, request: web.Request) -> tuple[SessionHandle, Session] | None:
         """The request's session, or None when it has no (live) session cookie."""
-        handle = self._cookies.session_handle(request)
+        value = self._cookies.session_value(request)
+        return None if value is None else await self._load(value)
+
+    async def _load(self, value: str) -> tuple[SessionHandle, Session] | None:
+        handle = self._cookies.handle_of(value)
         if handle is None:
             return None
         session = await self._store.load(handle, cached=True)
@@ -79,10 +83,10 @@ class SessionAuthenticator:
                 "log in, or send a Bearer access token", login_url=self._login_url
             )
         self.check_csrf(request)
-        handle = self._cookies.handle_of(value)
-        session = None if handle is None else await self._store.load(handle, cached=True)
-        if handle is None or session is None:
+        loaded = await self._load(value)
+        if loaded is None:
             raise self.expired()
+        handle, session = loaded
         try:
             session = await self._refresher.ensure_fresh(handle, session)
         except SessionExpiredError:
