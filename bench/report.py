@@ -1,8 +1,9 @@
 """Turning runs into tables: medians over rounds, ratios taken within each round.
 
 Every number in a table is the median over rounds. A ratio (``x nginx``, ``x floor``,
-added latency) is computed in each round against the reference measured in that same
-round, then the median of those is taken, so slow drift of the machine cancels out.
+``x bearer``, added latency) is computed in each round against the reference measured in
+that same round, then the median of those is taken, so slow drift of the machine cancels
+out.
 Tables are Markdown; :func:`render` makes the report printed and written to RESULTS.md.
 """
 
@@ -75,6 +76,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+# The reference of the session target (issue: session >= 0.85x bearer, cache warm).
+BEARER = "tg-bearer-warm"
+
+
 def rps_ratio(run: Run, ref: Run) -> float:
     return run.wrk.rps / ref.wrk.rps
 
@@ -90,6 +95,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
         "peak RSS MiB",
         "x nginx",
         "x floor",
+        "x bearer",
         "errors",
     ]
     rows = []
@@ -107,6 +113,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
                     fmt(rss / 1024 if rss else None, 1),
                     fmt(per_round(runs, target, "nginx", rps_ratio)),
                     fmt(per_round(runs, target, "floor", rps_ratio)),
+                    fmt(per_round(runs, target, BEARER, rps_ratio) if target != BEARER else None),
                     str(sum(r.wrk.errors for r in target_runs)),
                 ]
             )

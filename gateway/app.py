@@ -174,7 +174,12 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
     refresher = Refresher(store, dialect, refresh, metrics, clock=app[CLOCK])
     cookies = SessionCookies(settings.session)
     authenticator = SessionAuthenticator(
-        cookies, store, refresher, settings.csrf, settings.public_url
+        cookies,
+        store,
+        refresher,
+        settings.csrf,
+        settings.public_url,
+        principals_kept=settings.session.local_cache_size,
     )
     app[REFRESHER] = refresher
     app[SESSIONS] = authenticator

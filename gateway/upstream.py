@@ -231,11 +231,12 @@ class Upstream:
             return "; ".join(values)
         # SECURITY: our cookies (session, login binding) are credentials for us, never for
         # the upstream.
+        prefixes = self._own_prefixes
         kept = [
-            part.strip()
+            part
             for value in values
-            for part in value.split(";")
-            if part.strip() and not part.strip().startswith(self._own_prefixes)
+            for part in map(str.strip, value.split(";"))
+            if part and not part.startswith(prefixes)
         ]
         return "; ".join(kept) or None
 
@@ -333,11 +334,14 @@ class Upstream:
             if name.lower() == "connection":
                 drop = drop | connection_tokens(header_values(raw, "connection"))
                 break
-        own = self._own_cookies
+        # SECURITY: an upstream must not plant or overwrite our cookies (session fixation).
+        # The value is looked at first: for nearly every header that alone says no.
+        own = self._own_prefixes
         headers = [
             (k, v)
             for k, v in raw
-            if k.lower() not in drop and not (own and self._sets_own_cookie(k, v))
+            if k.lower() not in drop
+            and not (own and v.lstrip().startswith(own) and k.lower() == "set-cookie")
         ]
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
@@ -375,10 +379,6 @@ class Upstream:
             upstream.close()  # the client went away (cancelled): the rest is unread
             raise
         return response
-
-    def _sets_own_cookie(self, name: str, value: str) -> bool:
-        # SECURITY: an upstream must not plant or overwrite our cookies (session fixation).
-        return name.lower() == "set-cookie" and value.lstrip().startswith(self._own_prefixes)
 
 
 async def _stream_limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:

@@ -33,6 +33,8 @@ class SessionAuthenticator:
         refresher: Refresher,
         csrf: CsrfSettings,
         public_url: str,
+        *,
+        principals_kept: int = 4096,
     ) -> None:
         self._cookies = cookies
         self._store = store
@@ -40,6 +42,11 @@ class SessionAuthenticator:
         self._csrf_header = csrf.header
         self._origin = origin_of(public_url)
         self._login_url = f"{public_url}/auth/login"
+        # The principal of each session as last loaded, by storage id: a cached session is
+        # the same object on every request until it changes, and so is its principal.
+        # Bounded: cleared when it holds ``principals_kept``.
+        self._principals: dict[str, tuple[Session, Principal]] = {}
+        self._principals_kept = principals_kept
 
     def login_url(self, request: web.Request) -> str:
         return self._login_url
@@ -69,7 +76,10 @@ class SessionAuthenticator:
         if handle is None:
             return None
         session = await self._store.load(handle, cached=True)
-        return None if session is None else (handle, session)
+        if session is None:
+            self._principals.pop(handle.storage_id, None)
+            return None
+        return handle, session
 
     def expired(self) -> SessionExpiredError:
         return SessionExpiredError(
@@ -91,7 +101,17 @@ class SessionAuthenticator:
             session = await self._refresher.ensure_fresh(handle, session)
         except SessionExpiredError:
             raise self.expired() from None
-        return principal_of(handle, session)
+        return self._principal_of(handle, session)
+
+    def _principal_of(self, handle: SessionHandle, session: Session) -> Principal:
+        memo = self._principals.get(handle.storage_id)
+        if memo is not None and memo[0] is session:
+            return memo[1]
+        principal = principal_of(handle, session)
+        if len(self._principals) >= self._principals_kept:
+            self._principals.clear()
+        self._principals[handle.storage_id] = (session, principal)
+        return principal
 
     async def after_upstream_rejection(self, principal: Principal) -> Principal | None:
         """The upstream answered 401 to ``principal``'s token: force one refresh. None when

@@ -61,6 +61,8 @@ class FakeUpstream:
             if request.path.startswith("/setcookie"):
                 response.set_cookie("__Host-tokengate", "planted", path="/", secure=True)
                 response.set_cookie("app", "1")
+                # Not a cookie, though it reads like ours: relayed as any header is.
+                response.headers["X-Note"] = "__Host-tokengate=is-our-cookie-name"
             return response
 
         app = web.Application(client_max_size=1024**3)

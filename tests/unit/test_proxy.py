@@ -167,6 +167,7 @@ async def test_upstream_cannot_plant_our_session_cookie(
     cookies = resp.headers.getall("Set-Cookie")
     assert any(c.startswith("app=") for c in cookies)
     assert not any(c.startswith("__Host-tokengate=") for c in cookies)
+    assert resp.headers["X-Note"] == "__Host-tokengate=is-our-cookie-name"
 
 
 async def test_body_over_limit_by_content_length_is_413(
