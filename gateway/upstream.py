@@ -164,7 +164,6 @@ class Upstream:
         self._pool = pool
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
-        self._own_cookies = own_cookies
         self._own_prefixes = tuple(f"{name}=" for name in own_cookies)
 
     @property
@@ -227,11 +226,11 @@ class Upstream:
         values = incoming.getall("Cookie", ())
         if not values:
             return None
-        if not self._own_cookies:
+        prefixes = self._own_prefixes
+        if not prefixes:
             return "; ".join(values)
         # SECURITY: our cookies (session, login binding) are credentials for us, never for
         # the upstream.
-        prefixes = self._own_prefixes
         kept = [
             part
             for value in values

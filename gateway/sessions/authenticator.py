@@ -34,7 +34,7 @@ class SessionAuthenticator:
         csrf: CsrfSettings,
         public_url: str,
         *,
-        principals_kept: int = 4096,
+        principals_kept: int,
     ) -> None:
         self._cookies = cookies
         self._store = store
