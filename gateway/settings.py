@@ -290,9 +290,11 @@ class SessionSettings(Section):
     login_timeout_s: int = Field(600, ge=30)
     # Each process keeps a session it loaded this long (0: off), dropped at once when any
     # replica writes or ends it (Redis pub/sub); a request then needs no Redis round trip,
-    # which costs the process ~160-200 µs of CPU in redis-py (more than the whole proxied
-    # request). Pub/sub carries correctness; this age only bounds staleness of the idle TTL.
-    local_cache_s: float = Field(5.0, ge=0, le=60)
+    # which costs the process ~120-180 µs of CPU in redis-py (more than the whole proxied
+    # request). Pub/sub carries correctness; this age bounds only what bypasses tokengate
+    # (a key deleted by hand, evicted) and the precision of the idle timeout. 5 s cost the
+    # bench's session target ~10 points of throughput against 30 s (bench/README.md).
+    local_cache_s: float = Field(30.0, ge=0, le=60)
     local_cache_size: int = Field(4096, ge=1)  # sessions (~3 KB each)
 
     @field_validator("redis_url")

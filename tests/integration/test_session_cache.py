@@ -110,6 +110,21 @@ async def test_a_cached_load_needs_no_redis_and_a_fresh_one_does(
     assert await b.load(handle) is None
 
 
+async def test_a_hand_deleted_session_published_by_the_operator_is_dropped_everywhere(
+    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+) -> None:
+    """The README's procedure for ending a session behind tokengate's back: DEL the key,
+    then PUBLISH its storage id on ``<key_prefix>:invalidate``."""
+    a, b, raw = replicas
+    handle, _ = await cached_on(a, a, b)
+    generations = cache_of(a).generation, cache_of(b).generation
+    await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")
+    assert await raw.publish(f"{PREFIX}:invalidate", handle.storage_id) == 2
+    for store, generation in zip((a, b), generations, strict=True):
+        await cache_of(store).wait_dropped(generation, timeout_s=WAIT_S)
+        assert await store.load(handle, cached=True) is None
+
+
 async def test_an_end_on_one_replica_drops_the_copy_on_the_other(
     replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
 ) -> None:
