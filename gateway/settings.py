@@ -316,6 +316,10 @@ class SessionSettings(Section):
             raise ValueError("a __Host- cookie must be Secure; rename it to turn Secure off")
         if self.absolute_timeout_s < self.idle_timeout_s:
             raise ValueError("absolute_timeout_s must be >= idle_timeout_s")
+        # The idle timeout slides on reads from Redis; a copy kept as long as the idle
+        # timeout would let an active session's key expire under it.
+        if self.local_cache_s >= self.idle_timeout_s:
+            raise ValueError("local_cache_s must be < idle_timeout_s")
         return self
 
 

@@ -71,6 +71,7 @@ def test_redis_password_is_masked_in_the_dump() -> None:
         ),
         ({"refresh": {"token_endpoint": "http://evil.example/token"}}, "refresh.token_endpoint"),
         ({"oidc": {"post_logout_redirect_uri": "javascript:x"}}, "oidc.post_logout_redirect_uri"),
+        ({"session": {"idle_timeout_s": 60, "local_cache_s": 60}}, "local_cache_s must be <"),
     ],
 )
 def test_bad_configuration_names_the_key(config: dict[str, object], key: str) -> None:
