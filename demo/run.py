@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -125,6 +126,27 @@ def print_token(stack: DemoStack, username: str) -> int:
     return 0
 
 
+def install_stop_signals() -> None:
+    """The first Ctrl-C or SIGTERM raises KeyboardInterrupt; any later one is ignored.
+
+    Stopping must not be cut short: ``timeout make demo`` sends SIGTERM to the whole
+    process group and make sends its child another, and a second KeyboardInterrupt inside
+    the ``finally`` that stops the stack left its processes running. SIGINT is set too: a
+    shell starts background jobs with SIGINT ignored, and Python keeps that.
+    """
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ports = DemoPorts(**{name: getattr(args, f"{name}_port") for name, _ in DemoPorts().items()})
@@ -144,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_token(stack, args.user)
     if stack.store == "memory" and args.store == "auto":
         print("demo: redis-server is not installed; using tokengate's memory session store")
-    # Ctrl-C and SIGTERM raise KeyboardInterrupt, then the finally below stops everything.
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    install_stop_signals()
     code = 0
     try:
         print(f"demo: starting (logs in {args.log_dir}/) ...", flush=True)
@@ -163,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     finally:
         # Stopping is bounded (SIGTERM, then SIGKILL): let it finish for every child.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\ndemo: stopping ...", flush=True)
         stack.stop()
         print("demo: stopped", flush=True)
