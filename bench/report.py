@@ -1,9 +1,9 @@
 """Turning runs into tables: medians over rounds, ratios taken within each round.
 
 Every number in a table is the median over rounds. A ratio (``x nginx``, ``x floor``,
-``x bearer``, added latency) is computed in each round against the reference measured in
-that same round, then the median of those is taken, so slow drift of the machine cancels
-out.
+``x floor, same request``, ``x bearer``, added latency) is computed in each round against
+the reference measured in that same round, then the median of those is taken, so slow
+drift of the machine cancels out.
 Tables are Markdown; :func:`render` makes the report printed and written to RESULTS.md.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from seed import Footprint
 from storm import MARGIN_MS, StormRound
+from targets import BY_NAME
 from wrk import WrkResult
 
 
@@ -95,6 +96,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
         "peak RSS MiB",
         "x nginx",
         "x floor",
+        "x floor, same request",
         "x bearer",
         "errors",
     ]
@@ -113,6 +115,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
                     fmt(rss / 1024 if rss else None, 1),
                     fmt(per_round(runs, target, "nginx", rps_ratio)),
                     fmt(per_round(runs, target, "floor", rps_ratio)),
+                    fmt(per_round(runs, target, BY_NAME[target].floor, rps_ratio)),
                     fmt(per_round(runs, target, BEARER, rps_ratio) if target != BEARER else None),
                     str(sum(r.wrk.errors for r in target_runs)),
                 ]

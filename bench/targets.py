@@ -31,6 +31,8 @@ class Target:
     path: str = ""  # prefix before /<body> on this server
     workers: int = 1
     needs: frozenset[str] = field(default_factory=frozenset)  # fixtures: "issuer", "redis"
+    # The floor sent this target's request: the same-request ratio's reference.
+    floor: str = "floor"
     ready: bool = True  # False: listed, skipped with ``note``
     wrk: bool = True  # False: measured in its own section, not by a wrk run
     note: str = ""
@@ -45,6 +47,14 @@ TARGETS: tuple[Target, ...] = (
     Target("origin", "origin", note="wrk straight to the origin (latency baseline)"),
     Target("nginx", "nginx", note="nginx proxy_pass, 1 worker: the limit"),
     Target("floor", "floor", note="bare aiohttp pass-through: the floor"),
+    Target(
+        "floor-bearer",
+        "floor",
+        "bearer-warm",
+        needs=ISSUER,
+        floor="floor-bearer",
+        note="the floor sent the bearer targets' Authorization header (it forwards it as is)",
+    ),
     Target("tg-none", "tokengate", path="/none", note="auth: none"),
     Target(
         "tg-bearer-warm",
@@ -52,6 +62,7 @@ TARGETS: tuple[Target, ...] = (
         "bearer-warm",
         "/bearer",
         needs=ISSUER,
+        floor="floor-bearer",
         note="one valid RS256 token, verified-token cache hit",
     ),
     Target(
@@ -60,6 +71,7 @@ TARGETS: tuple[Target, ...] = (
         "bearer-cold",
         "/bearer",
         needs=ISSUER,
+        floor="floor-bearer",
         note="a new token every request, cache miss (signature check)",
     ),
     Target(
@@ -83,7 +95,15 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 BY_NAME = {t.name: t for t in TARGETS}
-THROUGHPUT = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold", "tg-session")
+THROUGHPUT = (
+    "nginx",
+    "floor",
+    "floor-bearer",
+    "tg-none",
+    "tg-bearer-warm",
+    "tg-bearer-cold",
+    "tg-session",
+)
 LATENCY = ("origin", *THROUGHPUT)
 
 SESSION_COOKIE = "tg_session"  # no __Host- prefix: the bench is plain http on loopback

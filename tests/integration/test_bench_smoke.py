@@ -15,7 +15,15 @@ import pytest
 pytestmark = [pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SMOKE_TARGETS = ("nginx", "floor", "tg-none", "tg-bearer-warm", "tg-bearer-cold", "tg-session")
+SMOKE_TARGETS = (
+    "nginx",
+    "floor",
+    "floor-bearer",
+    "tg-none",
+    "tg-bearer-warm",
+    "tg-bearer-cold",
+    "tg-session",
+)
 STORM = "tg-refresh-storm"
 TIMEOUT_S = 90
 
