@@ -246,10 +246,12 @@ class Bench:
             for run in group:  # A B C ... A B C ...
                 result = self.measure(run, body, i, threads, connections, self.args.duration)
                 runs[run.target.name].append(result)
+                cpu = result.cpu_us_per_request
                 log(
                     f"[{section} {body} {i + 1}/{self.args.rounds}] {run.target.name:<22} "
                     f"{result.wrk.rps:>9,.0f} req/s  p50 {result.wrk.p50_ms:7.2f} ms  "
-                    f"p99 {result.wrk.p99_ms:7.2f} ms  errors {result.wrk.errors}"
+                    f"p99 {result.wrk.p99_ms:7.2f} ms  "
+                    f"cpu {'-' if cpu is None else f'{cpu:.0f}'} µs/req  errors {result.wrk.errors}"
                 )
         return runs
 
