@@ -7,12 +7,27 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
 from gateway.settings import Settings, parse_settings
 from tests.fakes.issuer import AUDIENCE, FakeIssuer
 from tests.fakes.upstream import FakeUpstream
+
+# Generated inputs: a fixed budget per property so `make test` stays fast on 2 cores, no
+# per-example deadline (a loaded CI machine is slow, not wrong); `make fuzz` raises it.
+hypothesis_settings.register_profile(
+    "default",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile(
+    "fuzz", parent=hypothesis_settings.get_profile("default"), max_examples=5000
+)
+hypothesis_settings.load_profile("default")
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
