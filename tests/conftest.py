@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
 from gateway.settings import Settings, parse_settings
