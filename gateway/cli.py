@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from gateway import preflight
 from gateway.settings import ConfigError, Settings, dump_settings, load_settings
 
 _CONFIG_HELP = "YAML configuration file (TOKENGATE_* environment variables override it)"
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
+        # The same checks for both commands: what check-config accepts, run starts with.
+        asyncio.run(preflight.check(settings))
     except ConfigError as exc:
         print(f"tokengate: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,9 @@ from pydantic_settings import (
 AuthMode = Literal["none", "bearer", "session", "session_or_bearer"]
 ClientAuth = Literal["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
 
+_REDIS_SCHEMES = frozenset(
+    {"redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster"}
+)
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -301,8 +304,11 @@ class SessionSettings(Section):
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
         scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
-            raise ValueError("must be a redis://, rediss://, unix://, or +sentinel/+cluster URL")
+        if scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                "must be a redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
+                "or rediss+cluster:// URL"
+            )
         return value
 
     @property

@@ -28,11 +28,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
@@ -59,6 +60,7 @@ _T = TypeVar("_T")
 
 _HEALTH_CHECK_INTERVAL_S = 30.0  # PING a pooled connection idle longer than this first
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
 # With the invalidation feed up, a release is published and wakes a waiting replica; it
@@ -153,7 +155,8 @@ class _SentinelMaster(Redis):
 
 
 def build_redis(settings: SessionSettings) -> RedisClient:
-    """A client for ``redis_url``; connections open lazily, on the first command."""
+    """A client for ``redis_url``; connections open lazily, on the first command. A URL this
+    cannot build raises ``ValueError`` (``check-config`` builds it too, so it fails there)."""
     url = settings.redis_url
     options: dict[str, Any] = {
         "socket_timeout": settings.redis_timeout_s,
@@ -164,32 +167,74 @@ def build_redis(settings: SessionSettings) -> RedisClient:
         "retry": Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), retries=1),
     }
     scheme = urlsplit(url).scheme
-    if scheme == "redis+cluster":
-        return RedisCluster.from_url("redis" + url.removeprefix("redis+cluster"), **options)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _build_cluster(url, options)
     if scheme == "redis+sentinel":
         return _build_sentinel_master(url, options)
     return Redis.from_url(url, **options)
 
 
-def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
-    # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]; the
-    # credentials are the master's; the Sentinels get the same timeouts.
-    netloc, _, path = url.split("://", 1)[1].partition("/")
+@dataclass(frozen=True, slots=True)
+class MultiHostUrl:
+    """``scheme://[user:password@]host:port[,host:port...][/path]``, as Sentinel and Cluster
+    URLs list several servers (``urllib`` reads one host only)."""
+
+    username: str | None
+    password: str | None = field(repr=False)
+    nodes: tuple[tuple[str, int], ...]
+    path: tuple[str, ...]  # the percent-decoded, non-empty path segments
+
+
+def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
+    rest = url.split("://", 1)[1]
+    if "?" in rest or "#" in rest:
+        raise ValueError("must not carry a query string or fragment")
+    netloc, _, path = rest.partition("/")
     userinfo, _, hosts = netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
     nodes: list[tuple[str, int]] = []
-    for item in filter(None, hosts.split(",")):
+    for item in hosts.split(","):
         node = urlsplit("//" + item)
-        nodes.append((node.hostname or "", node.port or _SENTINEL_PORT))
-    parts = [unquote(part) for part in path.split("/") if part]
-    db = parts.pop() if len(parts) == 2 and parts[1].isdigit() else "0"
-    if not nodes or len(parts) != 1:
-        raise ValueError("expected redis+sentinel://host:port[,host:port]/service_name[/db]")
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
-        nodes,
-        sentinel_kwargs=dict(options),
+        port = node.port  # ValueError for a port that is not a number in 0-65535
+        if not node.hostname:
+            raise ValueError(f"{item!r} is not host:port")
+        nodes.append((node.hostname, port or default_port))
+    return MultiHostUrl(
         username=unquote(username) or None,
         password=unquote(password) or None,
+        nodes=tuple(nodes),
+        path=tuple(unquote(part) for part in path.split("/") if part),
+    )
+
+
+def _build_cluster(url: str, options: dict[str, Any]) -> RedisCluster:
+    # redis+cluster://[user:password@]h1:p1[,h2:p2...][/0]: every listed node is a seed, so
+    # start-up survives any one of them being down (redis-py's from_url takes one host).
+    parsed = parse_multi_host_url(url, _REDIS_PORT)
+    if parsed.path not in ((), ("0",)):
+        raise ValueError("expected redis+cluster://host:port[,host:port...] (db 0 only)")
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        username=parsed.username,
+        password=parsed.password,
+        ssl=url.startswith("rediss+"),
+        **options,
+    )
+
+
+def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
+    # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]; the
+    # credentials are the master's; the Sentinels get the same timeouts.
+    parsed = parse_multi_host_url(url, _SENTINEL_PORT)
+    parts = list(parsed.path)
+    db = parts.pop() if len(parts) == 2 and parts[1].isdigit() else "0"
+    if len(parts) != 1:
+        raise ValueError("expected redis+sentinel://host:port[,host:port]/service_name[/db]")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
+        list(parsed.nodes),
+        sentinel_kwargs=dict(options),
+        username=parsed.username,
+        password=parsed.password,
         db=int(db),
         **options,
     )
