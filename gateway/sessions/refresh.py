@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from gateway.errors import RefreshUnavailableError, SessionExpiredError
+from gateway.errors import IdpError, RefreshUnavailableError, SessionExpiredError
 from gateway.idp.tokens import IdpUnavailable, RefreshDialect, RefreshRejected
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session, SessionHandle, SessionStore
@@ -121,9 +121,13 @@ class Refresher:
                 tokens = await self._dialect.refresh(current)
         except RefreshRejected:
             return await self._end_rejected(handle, current)
-        except (IdpUnavailable, TimeoutError):
+        except (IdpUnavailable, IdpError, TimeoutError) as exc:
+            # Any failure to reach or understand the IdP (its discovery document included)
+            # is transient for a session: serve the still-valid token, else 503.
             self._metrics.refresh_total.labels(result="idp_unavailable").inc()
-            log.warning("refresh", extra={"result": "idp_unavailable"})
+            log.warning(
+                "refresh", extra={"result": "idp_unavailable", "error_type": type(exc).__name__}
+            )
             return self._serve_stale(current)
         updated = current.with_tokens(
             access_token=tokens.access_token,

@@ -6,19 +6,25 @@ The same properties are proven against the real IdP and Redis in tests/integrati
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.errors import RefreshUnavailableError, SessionExpiredError
+from gateway.idp.discovery import Discovery
+from gateway.idp.oauth2 import OAuth2Client
 from gateway.idp.tokens import IdpUnavailable, RefreshRejected, TokenSet
 from gateway.metrics import Metrics
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.refresh import Refresher
-from gateway.settings import RefreshSettings, SessionSettings
+from gateway.settings import OidcSettings, RefreshSettings, SessionSettings
 
 
 class ScriptedIdp:
@@ -184,3 +190,44 @@ async def test_second_process_waits_for_the_lock_then_reuses_the_result(parts: P
 
 def _fields(session: Session) -> dict[str, object]:
     return {name: getattr(session, name) for name in Session.__slots__}
+
+
+@pytest.mark.parametrize("discovery_status", [500, 404, 200])
+async def test_a_discovery_failure_during_refresh_is_transient(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], discovery_status: int
+) -> None:
+    # The real OAuth 2.0 dialect, whose discovery document cannot be had (an error status,
+    # or 200 with a document that is not one): a session with a valid token is served, an
+    # expired one gets 503 refresh_unavailable with Retry-After, never the 502 of IdpError.
+    async def discovery(request: web.Request) -> web.Response:
+        return web.json_response({"not": "a discovery document"}, status=discovery_status)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    oidc = OidcSettings(issuer=str(server.make_url("")).rstrip("/"), client_id="bff")
+    settings = RefreshSettings(ahead_s=60, timeout_s=1, retry_after_s=7)
+    async with aiohttp.ClientSession() as http:
+        client = OAuth2Client(oidc, settings, Discovery(oidc, http), http, Metrics())
+        store = MemorySessionStore(SessionSettings(store="memory"))
+        refresher = Refresher(store, client, settings, Metrics())
+        handle = derive_handle(b"d" * 32)
+        now = time.time()
+        valid = Session(
+            subject="alice",
+            access_token="still-valid",
+            access_expires_at=now + 30,  # inside refresh-ahead: a refresh is attempted
+            refresh_token="refresh-0",
+            created_at=now,
+        )
+        await store.create(handle, valid)
+        served = await refresher.ensure_fresh(handle, await load(store, handle))
+        assert served.access_token == "still-valid"
+        expired = await store.save(
+            handle, dataclasses.replace(await load(store, handle), access_expires_at=now - 1)
+        )
+        assert expired is not None
+        with pytest.raises(RefreshUnavailableError) as raised:
+            await refresher.ensure_fresh(handle, expired)
+        assert raised.value.headers() == {"Retry-After": "7"}
+        await refresher.aclose()
