@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: help install system-deps idp-deps lint format test unit demo bench
+.PHONY: help install system-deps idp-deps lint format test unit fuzz demo bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ test: install system-deps idp-deps lint ## lint, then every test (unit, integrat
 
 unit: install ## the fast unit tests only
 	$(VENV)/bin/pytest tests/unit
+
+fuzz: install system-deps ## the generated-input tests with 25x the examples (ingress fuzz: ~60,000 requests)
+	TOKENGATE_HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest --timeout 3600 \
+		tests/integration/test_ingress_fuzz.py $$(grep -rl '@given' tests --include='test_*.py' | grep -v test_ingress_fuzz)
 
 demo: install system-deps idp-deps ## run the whole stack locally (IdP, Redis, API, SPA, tokengate)
 	$(PY) demo/run.py

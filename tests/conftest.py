@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ hypothesis_settings.register_profile(
 hypothesis_settings.register_profile(
     "fuzz", parent=hypothesis_settings.get_profile("default"), max_examples=5000
 )
-hypothesis_settings.load_profile("default")
+hypothesis_settings.load_profile(os.environ.get("TOKENGATE_HYPOTHESIS_PROFILE", "default"))
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
