@@ -1,9 +1,20 @@
 """The route table: normalise a request path once, then match it by longest prefix.
 
-Normalisation (RFC 3986 §5.2.4 dot-segment removal, merged slashes, percent-decoding of
-everything but an encoded slash or backslash, which are refused) happens here and only
-here; the path that is routed is the path that is forwarded. Authentication and
-forwarding are left to ``auth`` and ``upstream``.
+Normalisation happens here and only here, and the path that is routed is the path that is
+forwarded. It refuses (400) what two readers could read two ways: an encoded slash,
+backslash, NUL or semicolon (``%2F %5C %00 %3B``, as Spring Security's StrictHttpFirewall
+does), a ``%`` that starts no escape, escapes that are not UTF-8 (the overlong ``%c0%ae``
+for "."), raw non-ASCII and control characters. It then percent-decodes, merges slashes
+and removes dot segments (RFC 3986 §5.2.4).
+
+Path parameters (``/api;jsessionid=1/items``) are matched on the servlet view: servlet
+containers (Tomcat, Jetty, Spring) drop each segment's ``;params`` before they normalise,
+so a route prefix is matched against the segments' names before their first ``;`` and
+``/api;x/items`` gets the ``/api`` route. A segment with no name (``/;x/``) or named ``.``
+or ``..`` (``..;``, ``.;x``, ``%2e%2e;x``) is refused: a servlet reads it as an empty or
+dot segment our normalisation never saw. The forwarded path keeps the parameters, for
+upstreams that use them; ``strip_prefix`` drops the prefix's segments, parameters and all.
+Authentication and forwarding are left to ``auth`` and ``upstream``.
 """
 
 from __future__ import annotations
@@ -21,12 +32,17 @@ from gateway.settings import AuthMode, CaptureSettings, RouteSettings
 
 # SECURITY: an encoded '/' or '\' would let "/api%2F..%2Fadmin" mean one path to us and
 # another to the upstream; refuse them rather than guess (Envoy's REJECT_REQUEST default).
-_FORBIDDEN_ENCODED = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+# An encoded ';' is a literal to a container that strips parameters before decoding and a
+# parameter to one that decodes first: refused too (Spring's StrictHttpFirewall).
+_FORBIDDEN_ENCODED = re.compile(r"%(2f|5c|00|3b)", re.IGNORECASE)
+# RFC 3986 §2.1: "%" followed by two hex digits, nothing else.
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SAFE_PATH_CHARS = "/:@!$&'()*+,;=-._~"
-# The common path, already canonical: segments of unreserved and sub-delim characters (no
-# "%", no "\\"), none empty, "." or ".." (a trailing "/" allowed). ``parse_path`` and
-# ``encode_path`` return it untouched, the same answer their general code gives.
-_CANONICAL = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9:@!$&'()*+,;=._~-]+)+/?")
+# The common path, already canonical: segments of unreserved and sub-delim characters but
+# ";" (no "%", no "\\", no parameters), none empty, "." or ".." (a trailing "/" allowed).
+# ``parse_path`` and ``encode_path`` return it untouched, the same answer their general
+# code gives; a path with parameters takes the general code, so this costs nothing more.
+_CANONICAL = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9:@!$&'()*+,=._~-]+)+/?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +91,7 @@ class Route:
         )
 
     def matches(self, path: str) -> bool:
+        """Whether the servlet view ``path`` (no parameters) is under this route's prefix."""
         # Segment-wise: "/api" matches "/api" and "/api/x", never "/apix".
         return (
             self.prefix == "/"
@@ -85,7 +102,13 @@ class Route:
     def upstream_path(self, path: str) -> str:
         """The path to request upstream for the normalised request ``path``."""
         if self.strip_prefix and self.prefix != "/":
-            path = path[len(self.prefix) :] or "/"
+            if ";" in path:
+                # "/api;x/items" under "/api": drop as many segments as the prefix has.
+                depth = self.prefix.count("/")
+                parts = path.split("/", depth + 1)
+                path = "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
+            else:
+                path = path[len(self.prefix) :] or "/"
         base = self.upstream.raw_path.rstrip("/")
         return base + path
 
@@ -97,14 +120,29 @@ def _plain_origin(upstream: URL) -> tuple[str, int] | None:
 
 
 def parse_path(raw_path: str) -> str:
-    """Normalise the raw request path (no query) into its decoded canonical form."""
+    """Normalise the raw request path (no query) into its decoded canonical form.
+
+    Raises ``BadRequestError`` for every path it will not route; nothing else.
+    """
     if _CANONICAL.fullmatch(raw_path):
         return raw_path  # nothing encoded, no dot segment, no empty segment: as it is
     if not raw_path.startswith("/"):
         raise BadRequestError("the request target must be an absolute path")
+    if not raw_path.isascii():
+        # aiohttp's C parser refuses raw non-ASCII itself; its pure-Python parser passes it
+        # on as surrogate escapes, which have no UTF-8 form to forward.
+        raise BadRequestError("the request target must be ASCII; percent-encode the rest")
     if _FORBIDDEN_ENCODED.search(raw_path) or "\\" in raw_path:
-        raise BadRequestError("encoded slashes, backslashes and NUL are not allowed in paths")
-    decoded = unquote(raw_path, errors="strict")
+        raise BadRequestError(
+            "encoded slashes, backslashes, semicolons and NUL are not allowed in paths"
+        )
+    if _MALFORMED_ESCAPE.search(raw_path):
+        raise BadRequestError("a '%' in the path must start a percent-encoded octet")
+    try:
+        decoded = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        # SECURITY: not UTF-8, e.g. the overlong "%c0%ae" that lenient decoders read as ".".
+        raise BadRequestError("percent-encoded octets in the path must be UTF-8") from None
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
         raise BadRequestError("control characters are not allowed in paths")
     segments: list[str] = []
@@ -115,12 +153,20 @@ def parse_path(raw_path: str) -> str:
             if segments:
                 segments.pop()
             continue
+        if ";" in segment and segment.partition(";")[0] in ("", ".", ".."):
+            # SECURITY: a servlet reads "..;" as "..", "/pub/..;/api" as "/api".
+            raise BadRequestError("a path segment needs a name other than '.' or '..' before ';'")
         segments.append(segment)
     trailing = decoded.endswith("/") or decoded.endswith("/.") or decoded.endswith("/..")
     path = "/" + "/".join(segments)
     if trailing and segments:
         path += "/"
     return path
+
+
+def _servlet_view(path: str) -> str:
+    """``path`` as a servlet container routes it: each segment without its ``;params``."""
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 def encode_path(path: str) -> str:
@@ -144,6 +190,10 @@ class RouteTable:
         return iter(self._routes)
 
     def match(self, path: str) -> Route:
+        """The route for the normalised ``path``, chosen by its servlet view."""
+        if ";" in path:
+            # SECURITY: "/api;x/items" is "/api/items" to a servlet upstream; route it so.
+            path = _servlet_view(path)
         exact = self._exact.get(path)
         if exact is not None:
             return exact

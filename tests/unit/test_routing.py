@@ -39,6 +39,66 @@ def test_parse_path_refuses_ambiguous_paths(raw: str) -> None:
         parse_path(raw)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/open/%c0%ae%c0%ae/api/items",  # overlong UTF-8 for "..": a UnicodeDecodeError once
+        "/a/%ff",
+        "/a/%ed%a0%80",  # an encoded UTF-16 surrogate
+        "/a/%e2%82",  # a truncated sequence
+        "/a/%zz",
+        "/a/%",
+        "/a/%4",
+        "/caf\u00e9",  # raw non-ASCII, as aiohttp's pure-Python parser passes it on
+        "/a\udcff/b",  # a raw byte 0xff from that parser: once a UnicodeEncodeError
+        "http://x/y",
+        "*",
+    ],
+)
+def test_parse_path_refuses_undecodable_paths_with_bad_request(raw: str) -> None:
+    with pytest.raises(BadRequestError):
+        parse_path(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/pub/..;/api/items",
+        "/pub/%2e%2e;x/api/echo",
+        "/pub/%2E;/api",
+        "/pub/.;x/api",
+        "/pub/;x/api",
+        "/;x",
+        "/pub/..;jsessionid=1/api",
+        "/pub/%3b/api",
+        "/pub/a%3Bb",
+    ],
+)
+def test_path_parameters_that_could_climb_or_hide_are_refused(raw: str) -> None:
+    with pytest.raises(BadRequestError):
+        parse_path(raw)
+
+
+def test_path_parameters_are_kept_and_routed_by_the_segment_name() -> None:
+    routes = table("/", "/api", "/api/admin")
+    path = parse_path("/api;jsessionid=1/items")
+    assert path == "/api;jsessionid=1/items"
+    assert routes.match(path).prefix == "/api"
+    assert routes.match(parse_path("/api;x")).prefix == "/api"
+    assert routes.match(parse_path("/api;x/admin;y/users")).prefix == "/api/admin"
+    assert routes.match(parse_path("/a;x/../api;y/.")).prefix == "/api"
+    assert routes.match(parse_path("/apix;y")).prefix == "/"
+    assert encode_path(path) == "/api;jsessionid=1/items"
+
+
+def test_strip_prefix_drops_the_prefix_segments_with_their_parameters() -> None:
+    route = table("/api/admin", strip=True).match("/api;a/admin;b/x;c/y")
+    assert route.upstream_path("/api;a/admin;b/x;c/y") == "/base/x;c/y"
+    assert route.upstream_path("/api;a/admin;b") == "/base/"
+    assert route.upstream_path("/api;a/admin;b/") == "/base/"
+    assert route.upstream_path("/api/admin;b/x") == "/base/x"
+
+
 def test_encode_path_round_trips_reserved_characters() -> None:
     assert encode_path("/api/a b/café") == "/api/a%20b/caf%C3%A9"
     assert encode_path("/api/a?b#c") == "/api/a%3Fb%23c"
