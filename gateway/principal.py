@@ -24,7 +24,18 @@ def parse_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     """Scopes from ``scope`` (RFC 8693 §4.2, space-delimited) or ``scp`` (an array)."""
     value = claims.get("scope", claims.get("scp"))
     if isinstance(value, str):
-        return frozenset(value.split())
+        return frozenset(parse_scope_tokens(value))
     if isinstance(value, list | tuple):
-        return frozenset(str(v) for v in value)
+        # Verified claims hold strings only (``tokens.jws``); unverified ones may not.
+        return frozenset(v for v in value if isinstance(v, str))
     return frozenset()
+
+
+def parse_scope_tokens(value: str) -> tuple[str, ...]:
+    """The scope-tokens of a space-delimited scope (RFC 6749 §3.3), in order.
+
+    SECURITY: split on U+0020 only, not ``str.split()``'s any whitespace: the scope
+    "openid\\u00a0api.read" is one odd scope-token, not ``api.read``. Empty strings (runs of
+    spaces) are dropped.
+    """
+    return tuple(token for token in value.split(" ") if token)

@@ -144,6 +144,8 @@ class OidcSettings(Section):
     jwks_refetch_interval_s: float = Field(30.0, ge=0)  # unknown kid: at most one fetch per this
     jwks_max_age_s: float = Field(3600.0, gt=0)  # periodic refresh when no Cache-Control says
     token_cache_size: int = Field(1024, ge=0)  # verified tokens kept (about 2.5 KB each)
+    # Access tokens must say they are (typ at+jwt, RFC 9068 §2.1); off: no typ or JWT pass too.
+    require_at_jwt: bool = False
     # Login (authorization request) tuning.
     prompt: str | None = None
     consent_for_offline_access: bool = False  # send prompt=consent with offline_access

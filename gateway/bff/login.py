@@ -31,6 +31,7 @@ from gateway.sessions.cookie import SessionCookies, encode_secret, new_secret
 from gateway.sessions.crypto import derive_handle, digest
 from gateway.sessions.model import LoginState, Session, SessionStore
 from gateway.settings import Settings
+from gateway.tokens.jws import ID_TOKEN_TYPES
 from gateway.tokens.validator import TokenValidator
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,10 @@ class LoginEndpoints:
         client_id = self._settings.oidc.client_id
         try:
             claims = await self._validator.verify_jwt(
-                id_token, audience=(client_id,), require=["iss", "aud", "exp", "iat", "sub"]
+                id_token,
+                audience=(client_id,),
+                require=["iss", "aud", "exp", "iat", "sub"],
+                token_types=ID_TOKEN_TYPES,
             )
         except GatewayError as exc:
             raise IdpError(f"the ID token is invalid: {exc.description}") from None

@@ -23,6 +23,7 @@ from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.model import Session, SessionStore
 from gateway.settings import Settings
+from gateway.tokens.jws import LOGOUT_TOKEN_TYPES
 from gateway.tokens.validator import TokenValidator
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class LogoutEndpoints:
                 token,
                 audience=(self._settings.oidc.client_id,),
                 require=["iss", "aud", "iat", "jti", "events"],
+                token_types=LOGOUT_TOKEN_TYPES,  # BCL 1.0 §2.4: typ logout+jwt, if any
             )
         except GatewayError as exc:
             raise BadRequestError(f"invalid logout_token: {exc.description}") from None

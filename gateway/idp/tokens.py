@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import jwt
 
+from gateway.principal import parse_scope_tokens
 from gateway.sessions.model import Session
+from gateway.tokens.jws import parse_numeric_date
 
 
 class RefreshRejected(Exception):
@@ -43,24 +45,38 @@ class RefreshDialect(Protocol):
 def parse_expiry(
     access_token: str, expires_in: Any, default_lifetime_s: float, now: float | None = None
 ) -> float:
-    """When the access token expires: ``expires_in``, else the JWT's ``exp``, else a default."""
+    """When the access token expires: the earliest of the JWT's ``exp`` and ``now`` (the
+    reply's receipt) + ``expires_in``, each when known; else ``now`` + the default.
+
+    SECURITY: the earliest, so neither a long ``expires_in`` nor a far ``exp`` keeps a token
+    in use past what the other says. ``exp`` is read unverified, and only as a number.
+    """
     now = time.time() if now is None else now
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
-        return now + float(expires_in)
-    if isinstance(expires_in, str) and expires_in.isdigit():
-        return now + float(expires_in)
-    claims = parse_unverified_claims(access_token)
-    exp = claims.get("exp")
-    if isinstance(exp, int | float) and not isinstance(exp, bool):
-        return float(exp)
-    return now + default_lifetime_s
+    known: list[float] = []
+    exp = parse_numeric_date(parse_unverified_claims(access_token).get("exp"))
+    if exp is not None:
+        known.append(exp)
+    lifetime_s = parse_expires_in(expires_in)
+    if lifetime_s is not None:
+        known.append(now + lifetime_s)
+    return min(known) if known else now + default_lifetime_s
+
+
+def parse_expires_in(value: Any) -> float | None:
+    """``expires_in`` in seconds (RFC 6749 §5.1: a number; some IdPs send a digit string),
+    or None unless it is a positive, finite number."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # not "²", nor Arabic digits
+        value = float(value)  # "9" * 400 is inf, refused below
+    seconds = parse_numeric_date(value)  # a finite JSON number, as a NumericDate is
+    return seconds if seconds is not None and seconds > 0 else None
 
 
 def parse_unverified_claims(token: str) -> Mapping[str, Any]:
     """Claims of a JWT we received from the IdP itself over TLS; {} for opaque tokens.
 
     SECURITY: only for tokens the IdP handed us directly (expiry, scope bookkeeping);
-    never for anything a client sent.
+    never for anything a client sent. Nothing here is checked, types included: read a
+    claim as ``parse_expiry`` reads ``exp``, with the same rule as a verified one.
     """
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
@@ -70,8 +86,9 @@ def parse_unverified_claims(token: str) -> Mapping[str, Any]:
 
 
 def parse_scope_field(value: Any) -> tuple[str, ...] | None:
+    """A token-endpoint reply's ``scope``: space-delimited (RFC 6749 §5.1, §3.3)."""
     if isinstance(value, str):
-        return tuple(value.split())
+        return parse_scope_tokens(value)
     if isinstance(value, list):
-        return tuple(str(v) for v in value)
+        return tuple(v for v in value if isinstance(v, str))
     return None

@@ -7,15 +7,20 @@ the rest of what ``jwt.decode`` does, with the same verdicts, at a third of the 
 compiled pattern does the same check in about 1 µs. ``tests/unit/tokens/test_jws.py``
 holds the two to the same answer over valid, forged and malformed tokens.
 
+Where pyjwt converts a claim to what it wants (``int("1999999999")``) this module refuses
+it: claims have the types RFC 7519 gives them, and a token carries the ``typ`` of the kind
+its reader expects (RFC 8725 §3.11).
+
 Every failure is an ``InvalidTokenError`` whose ``result`` is the metric label and whose
-text may be shown to the client (RFC 6750 §3). Which key and algorithm apply is the
-caller's business (``validator``).
+text may be shown to the client (RFC 6750 §3). Which key and algorithm apply, and which
+kinds of token a path accepts, is the caller's business (``validator``).
 """
 
 from __future__ import annotations
 
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +40,15 @@ _COMPACT = re.compile(rf"({_SEGMENT})\.({_SEGMENT})\.({_SEGMENT})")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 # Claims a token is not valid before, and the result when one is not a number (pyjwt's).
 _NOT_BEFORE_CLAIMS = (("iat", "bad_iat"), ("nbf", "malformed"))
+# String claims: iss and sub (StringOrURI, RFC 7519 §4.1.1-2), jti (§4.1.7), client_id
+# (RFC 9068 §2.2).
+_STRING_CLAIMS = ("iss", "sub", "client_id", "jti")
+# Kinds of token by their JOSE "typ" (RFC 8725 §3.11), as ``check_token_type`` spells it:
+# lower case, without "application/" (RFC 7515 §4.1.9); None is a token without a typ.
+ACCESS_TOKEN_TYPES: frozenset[str | None] = frozenset({None, "jwt", "at+jwt"})
+AT_JWT_TYPES: frozenset[str | None] = frozenset({"at+jwt"})  # RFC 9068 §2.1, when required
+ID_TOKEN_TYPES: frozenset[str | None] = frozenset({None, "jwt"})
+LOGOUT_TOKEN_TYPES: frozenset[str | None] = frozenset({None, "jwt", "logout+jwt"})  # BCL 1.0 §2.4
 # An issuer signs every token with the same few headers ({"alg", "kid", "typ"}): the caller
 # keeps the checked header of each header segment seen, reused read-only. Bounded: the
 # memo is cleared when it holds this many.
@@ -109,11 +123,25 @@ def _parse_header(head: str) -> Mapping[str, Any]:
     header = _json_object(_decode_segment(head), "header")
     if "kid" in header and not isinstance(header["kid"], str):
         raise _malformed()
+    if "typ" in header and not isinstance(header["typ"], str):
+        raise _malformed("the token's typ header is not a string")
     # We implement no JWS extension; a critical one we do not know must be refused (RFC 7515
     # §4.1.11). That includes b64=false (RFC 7797), an unencoded payload.
     if "crit" in header or header.get("b64", True) is not True:
         raise _malformed("the token uses an unsupported JWS extension")
     return header
+
+
+def check_token_type(header: Mapping[str, Any], allowed: frozenset[str | None]) -> None:
+    """Refuse a token whose ``typ`` names a kind the caller does not expect (one of the
+    ``*_TYPES`` above): a logout or DPoP proof token is no access token, even when signed
+    by the same issuer. Checked per call, not remembered with the header: the header memo
+    is shared by every kind."""
+    typ = header.get("typ")  # a string or absent: ``parse`` refused anything else
+    if typ is not None:
+        typ = typ.lower().removeprefix("application/")
+    if typ not in allowed:
+        raise invalid("wrong_type", "the token is not of the kind expected here (typ)")
 
 
 def verify_signature(jws: CompactJws, algorithm: Algorithm, key: Any) -> dict[str, Any]:
@@ -144,22 +172,23 @@ def check_claims(
     audience: tuple[str, ...],
     require: tuple[str, ...],
 ) -> None:
-    """RFC 7519 §4.1 checks, in pyjwt's order and with its verdicts: required claims, iat,
-    nbf, exp, iss, aud (any of ``audience``; none checked when empty), sub and jti types."""
+    """RFC 7519 §4.1 checks, in pyjwt's order and with its results where it refuses:
+    required claims, iat, nbf, exp, iss, aud (any of ``audience``; none checked when
+    empty); then the type of every other registered claim we read."""
     for name in require:
         if claims.get(name) is None:
             raise invalid("missing_claim", "the token lacks a required claim")
     for name, unreadable in _NOT_BEFORE_CLAIMS:
         if name in claims:
-            value = _integer(claims[name])
+            value = parse_numeric_date(claims[name])
             if value is None:
                 raise invalid(unreadable, f"the token's {name} claim is invalid")
             if value > now + leeway_s:
                 raise invalid("not_yet_valid", "the token is not yet valid")
     if "exp" in claims:
-        exp = _integer(claims["exp"])
+        exp = parse_numeric_date(claims["exp"])
         if exp is None:
-            raise _malformed()
+            raise _malformed("the token's exp claim is invalid")
         if exp <= now - leeway_s:
             raise invalid("expired", "the token has expired")
     if issuer is not None:
@@ -169,23 +198,51 @@ def check_claims(
             raise invalid("wrong_issuer", "the token has the wrong issuer")
     if audience:
         _check_audience(claims.get("aud"), audience)
-    if not isinstance(claims.get("sub", ""), str) or not isinstance(claims.get("jti", ""), str):
-        raise _malformed("the token's sub or jti claim is not a string")
+    _check_claim_types(claims)
 
 
-def _integer(value: Any) -> int | None:
-    # As pyjwt reads NumericDate claims: int() of whatever is there (1.5 → 1, "7" → 7).
-    try:
-        return int(value)
-    except (ValueError, TypeError, OverflowError):
-        return None
+def parse_numeric_date(value: Any) -> float | None:
+    """A NumericDate (RFC 7519 §2: a JSON number), or None for anything else.
+
+    SECURITY: not pyjwt's ``int(value)``, which reads "1999999999" and true as dates. A
+    string, a boolean, NaN and the infinities (Python's json reads NaN, Infinity, and 1e400
+    as inf) are refused, and so is an integer beyond a float's range.
+    """
+    kind = type(value)  # exact types: a bool is an int to isinstance
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if kind is float:
+        return value if math.isfinite(value) else None
+    return None
+
+
+def _check_claim_types(claims: dict[str, Any]) -> None:
+    # SECURITY: a claim of another type is refused, never converted: what a mistyped claim
+    # means to the next reader (the upstream, a log) is anyone's guess. Present means typed:
+    # null is no string either.
+    for name in _STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise _malformed(f"the token's {name} claim is not a string")
+    if "aud" in claims and not isinstance(claims["aud"], str) and not _strings(claims["aud"]):
+        raise _malformed("the token's aud claim is not a string or an array of strings")
+    if "scope" in claims and not isinstance(claims["scope"], str):
+        raise _malformed("the token's scope claim is not a string")  # RFC 8693 §4.2
+    if "scp" in claims and not _strings(claims["scp"]):
+        raise _malformed("the token's scp claim is not an array of strings")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _check_audience(claim: Any, audience: tuple[str, ...]) -> None:
     if not claim:
         raise invalid("missing_claim", "the token lacks a required claim")
     values = [claim] if isinstance(claim, str) else claim
-    if not isinstance(values, list) or any(not isinstance(v, str) for v in values):
+    if not _strings(values):
         raise invalid("wrong_audience", "the token has the wrong audience")
     if all(aud not in values for aud in audience):
         raise invalid("wrong_audience", "the token has the wrong audience")

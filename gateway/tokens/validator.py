@@ -1,9 +1,10 @@
 """JWT access-token validation: signature by the issuer's keys, then the registered claims.
 
 The algorithm allowlist is explicit; ``jku``, ``x5u`` and embedded ``jwk`` headers are never
-read (only ``alg`` and ``kid``). A bounded cache of verified tokens, keyed by the token (the
-principal keeps it anyway, to forward) and flushed when the key set changes, makes a
-repeated token cost one dict lookup.
+read (only ``alg``, ``kid`` and ``typ``). Each caller of ``verify_jwt`` names the kinds of
+token (``typ``) it accepts, so an ID, logout or DPoP token is no access token. A bounded
+cache of verified tokens, keyed by the token (the principal keeps it anyway, to forward)
+and flushed when the key set changes, makes a repeated token cost one dict lookup.
 Scope *policy* (what a route requires) is ``auth``'s job; this module only parses scopes.
 """
 
@@ -46,6 +47,7 @@ class TokenValidator:
         self._headers: dict[str, Mapping[str, Any]] = {}  # checked JOSE headers, see jws
         self._cache_generation = -1
         self._required = ("exp", "iat", "iss") + (("aud",) if settings.audience else ())
+        self._access_types = jws.AT_JWT_TYPES if settings.require_at_jwt else jws.ACCESS_TOKEN_TYPES
 
     async def validate(self, token: str) -> Principal:
         """The principal a token proves, or ``InvalidTokenError`` saying why not."""
@@ -76,19 +78,31 @@ class TokenValidator:
 
     async def _verify(self, token: str) -> Principal:
         claims = await self.verify_jwt(
-            token, audience=self._settings.audience, require=self._required
+            token,
+            audience=self._settings.audience,
+            require=self._required,
+            token_types=self._access_types,
         )
         return principal_from_claims(claims, token)
 
     async def verify_jwt(
-        self, token: str, *, audience: tuple[str, ...], require: Sequence[str]
+        self,
+        token: str,
+        *,
+        audience: tuple[str, ...],
+        require: Sequence[str],
+        token_types: frozenset[str | None],
     ) -> dict[str, Any]:
-        """Any JWT of our issuer (access, ID or logout token): signature, iss, aud, times."""
+        """Any JWT of our issuer (access, ID or logout token, as ``token_types`` says, from
+        ``jws``'s ``*_TYPES``): typ, signature, iss, aud, times and claim types."""
         parsed = jws.parse(token, self._headers)
         alg = parsed.header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:
             # SECURITY: rejects "none" and HS* before any key is looked at.
             raise jws.invalid("bad_algorithm", "the token's algorithm is not allowed")
+        # SECURITY: RFC 8725 §3.11; before the key, so a token of the wrong kind cannot make
+        # us fetch the key set.
+        jws.check_token_type(parsed.header, token_types)
         try:
             key = await self._jwks.get_key(parsed.header.get("kid"), alg)
         except InvalidTokenError as exc:

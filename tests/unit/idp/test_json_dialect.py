@@ -250,6 +250,17 @@ async def test_tokenidp_shape_sends_the_template_and_maps_the_reply(make: Make) 
     }
 
 
+def expiring_jwt(exp: Any) -> str:
+    return jwt.encode({"exp": exp}, "k" * 32, algorithm="HS256")
+
+
+async def test_tokenidp_shape_expires_at_the_jwt_exp_before_its_expires_in(make: Make) -> None:
+    dialect, api = await make(**TOKENIDP)
+    access = expiring_jwt(int(NOW) + 900)
+    api.reply = (200, {"isSuccess": True, "data": {"accessToken": access, "expiresIn": 3600}})
+    assert (await dialect.refresh(session())).expires_at == NOW + 900
+
+
 async def test_user_api_shape_sends_the_current_access_token_and_version(make: Make) -> None:
     dialect, api = await make(
         headers={"Version": "2.0"},
@@ -272,12 +283,18 @@ async def test_user_api_shape_sends_the_current_access_token_and_version(make: M
     [
         (120, "opaque", NOW + 120),
         ("120", "opaque", NOW + 120),
-        (None, jwt.encode({"exp": int(NOW) + 42}, "k" * 32, algorithm="HS256"), NOW + 42),
+        (None, expiring_jwt(int(NOW) + 42), NOW + 42),
+        (3600, expiring_jwt(int(NOW) + 42), NOW + 42),  # the JWT ends first
+        (60, expiring_jwt(int(NOW) + 3600), NOW + 60),  # expires_in ends first
+        (120, expiring_jwt("1999999999"), NOW + 120),  # not a NumericDate: ignored
+        (None, expiring_jwt("1999999999"), NOW + 300),
         (None, "opaque", NOW + 300),  # default_lifetime_s
         (-5, "opaque", NOW + 300),
+        ("0", "opaque", NOW + 300),
+        ("²", "opaque", NOW + 300),  # a digit to str.isdigit(), not to float()
     ],
 )
-async def test_expiry_comes_from_expires_in_then_the_jwt_then_the_default(
+async def test_expiry_is_the_earliest_of_expires_in_and_the_jwt_else_the_default(
     make: Make, expires_in: Any, access_token: str, expected: float
 ) -> None:
     dialect, api = await make(response={"access_token": "at", "expires_in": "exp_in"})

@@ -68,6 +68,10 @@ def forged_tokens(issuer: FakeIssuer) -> dict[str, tuple[str, str]]:
         "wrong_issuer": (issuer.mint(iss="https://evil.example"), "issuer"),
         "wrong_audience": (issuer.mint(aud="https://other.example"), "audience"),
         "no_exp": (issuer.mint(exp=None), "lacks a required claim"),
+        "exp_as_string": (issuer.mint(exp=str(now + 300)), "exp claim is invalid"),
+        "sub_not_a_string": (issuer.mint(sub=5), "sub claim is not a string"),
+        "logout_token": (issuer.mint(headers={"typ": "logout+jwt"}), "kind expected"),
+        "dpop_proof": (issuer.mint(headers={"typ": "dpop+jwt"}), "kind expected"),
         "tampered": (tampered, "signature"),
         "malformed": ("not.a.jwt", "malformed"),
         "garbage": ("abc", "malformed"),
@@ -86,6 +90,10 @@ def forged_tokens(issuer: FakeIssuer) -> dict[str, tuple[str, str]]:
         "wrong_issuer",
         "wrong_audience",
         "no_exp",
+        "exp_as_string",
+        "sub_not_a_string",
+        "logout_token",
+        "dpop_proof",
         "tampered",
         "malformed",
         "garbage",
@@ -125,6 +133,25 @@ async def test_missing_scope_is_403_with_required_scope(
 async def test_scp_array_grants_scopes(gateway: TestClient[Any, Any], issuer: FakeIssuer) -> None:
     token = issuer.mint(scope=None, scp=["api.admin"])
     assert (await gateway.get("/api/admin/x", headers=bearer(token))).status == 200
+
+
+async def test_a_scope_joined_by_a_no_break_space_is_not_two_scopes(
+    gateway: TestClient[Any, Any], issuer: FakeIssuer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    # RFC 6749 §3.3: scope-tokens are separated by U+0020 only.
+    token = issuer.mint(scope="api.read\u00a0api.admin")
+    resp = await gateway.get("/api/admin/x", headers=bearer(token))
+    assert resp.status == 403
+    assert upstream[0].seen == []
+    token = issuer.mint(scope="api.read  api.admin")
+    assert (await gateway.get("/api/admin/x", headers=bearer(token))).status == 200
+
+
+async def test_an_access_token_typed_at_jwt_reaches_upstream(
+    gateway: TestClient[Any, Any], issuer: FakeIssuer
+) -> None:
+    token = issuer.mint(headers={"typ": "at+jwt"})
+    assert (await gateway.get("/api/x", headers=bearer(token))).status == 200
 
 
 async def test_missing_token_is_401_without_error_code(
