@@ -8,7 +8,9 @@ cookies or decompression. Deciding what to forward is ``gateway.upstream``'s job
 from gateway.http1.errors import (
     Http1Error,
     IncompleteResponseError,
+    InvalidRequestError,
     MalformedResponseError,
+    PoolClosedError,
     ServerDisconnectedError,
 )
 from gateway.http1.pool import Http1Pool
@@ -19,6 +21,8 @@ __all__ = [
     "Http1Pool",
     "Http1Response",
     "IncompleteResponseError",
+    "InvalidRequestError",
     "MalformedResponseError",
+    "PoolClosedError",
     "ServerDisconnectedError",
 ]

@@ -17,6 +17,7 @@ import httptools
 
 from gateway.http1.errors import (
     IncompleteResponseError,
+    InvalidRequestError,
     MalformedResponseError,
     ServerDisconnectedError,
 )
@@ -67,6 +68,7 @@ class Http1Connection(asyncio.Protocol):
         "_header_bytes",
         "_headers",
         "_informational",
+        "_interim_seen",
         "_keep_alive",
         "_loop",
         "_lost",
@@ -113,6 +115,7 @@ class Http1Connection(asyncio.Protocol):
         self._head_request = head_request
         self._got_bytes = False
         self._informational = False
+        self._interim_seen = False
         self._status = 0
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
@@ -277,7 +280,7 @@ class Http1Connection(asyncio.Protocol):
             if declared_bytes is None:
                 transport.writelines(frame_chunk(chunk))
             elif sent_bytes > declared_bytes:
-                raise ValueError("the request body is longer than its Content-Length")
+                raise InvalidRequestError("the request body is longer than its Content-Length")
             else:
                 transport.write(chunk)
             while self._write_paused and not self.closed:
@@ -288,7 +291,7 @@ class Http1Connection(asyncio.Protocol):
         if declared_bytes is None:
             transport.write(CHUNKED_END)
         elif sent_bytes != declared_bytes:
-            raise ValueError("the request body is shorter than its Content-Length")
+            raise InvalidRequestError("the request body is shorter than its Content-Length")
         self._request_sent = True
 
     def _on_writer_done(self, task: asyncio.Task[None]) -> None:
@@ -310,6 +313,10 @@ class Http1Connection(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        if self._complete:
+            # More after the response ended (even the empty lines llhttp skips between
+            # messages, RFC 9112 §2.2): this upstream's framing is not to be trusted again.
+            self._keep_alive = False
         if not self._head_done:
             self._head_bytes += len(data)
         try:
@@ -405,6 +412,7 @@ class Http1Connection(asyncio.Protocol):
         if status < 200:
             # RFC 9110 §15.2: interim (100 Continue, 103 Early Hints); 101 raises instead.
             self._informational = True
+            self._interim_seen = True
             return
         self._status = status
         version = self._parser.get_http_version()
@@ -414,10 +422,19 @@ class Http1Connection(asyncio.Protocol):
             keep_alive = version == "1.0" and b"keep-alive" in self._connection_tokens
         if self._chunked:
             self._content_length = None  # RFC 9112 §6.3 (3): Transfer-Encoding wins
+        if self._interim_seen:
+            # SECURITY: after an interim response the framing is the upstream's word alone
+            # (one more 1xx, or none); a connection in doubt carries nothing more.
+            keep_alive = False
         if self._head_request or status in _NO_BODY_STATUSES:
             # RFC 9112 §6.3 (1): no body whatever the headers say. llhttp does not know
             # the method, so a HEAD's exchange ends here and its parser is dropped.
             self._complete = True
+            if self._chunked or self._content_length:
+                # SECURITY: a body announced that must not come; a server that sends it
+                # anyway (late, in another segment) would have it read as the next
+                # request's response, someone else's. Such a connection is not reused.
+                keep_alive = False
         elif not self._chunked and self._content_length is None:
             self._close_delimited = True
             keep_alive = False

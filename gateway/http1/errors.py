@@ -8,7 +8,13 @@ Every one is a ``ConnectionError``, so a caller maps ``TimeoutError`` to 504 and
     └── Http1Error
         ├── ServerDisconnectedError   closed before one byte of the response (retryable once)
         ├── IncompleteResponseError   closed before the response's framing said it ended
-        └── MalformedResponseError    not HTTP/1.1 llhttp accepts, or a protocol switch
+        ├── MalformedResponseError    not HTTP/1.1 llhttp accepts, or a protocol switch
+        ├── InvalidRequestError       a request we will not send: CR, LF or NUL in its head,
+        │                             or a body that does not match its Content-Length
+        └── PoolClosedError           the pool was closed (shutdown) before or while waiting
+
+Nothing else leaves this package: no ``ValueError`` or ``RuntimeError`` of ours reaches a
+caller, so no upstream failure can become a 500.
 """
 
 from __future__ import annotations
@@ -28,3 +34,12 @@ class IncompleteResponseError(Http1Error):
 
 class MalformedResponseError(Http1Error):
     """llhttp rejected the response, or the upstream answered 101 Switching Protocols."""
+
+
+class InvalidRequestError(Http1Error):
+    """The request cannot be framed as sent: a byte that would split it, or a streamed body
+    longer or shorter than the ``Content-Length`` it declared."""
+
+
+class PoolClosedError(Http1Error):
+    """The pool was closed before the request could have a connection."""

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from gateway.http1.connection import Http1Connection
-from gateway.http1.errors import ServerDisconnectedError
+from gateway.http1.errors import PoolClosedError, ServerDisconnectedError
 from gateway.http1.response import Http1Response
 from gateway.http1.wire import Body, build_authority, build_head
 
@@ -21,13 +21,14 @@ _COALESCE_BYTES = 16 * 1024
 
 
 class _Host:
-    __slots__ = ("authority", "busy", "idle", "key", "waiters")
+    __slots__ = ("authority", "busy", "idle", "key", "returning", "waiters")
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
         self.authority = build_authority(*key)
         self.idle: list[Http1Connection] = []  # oldest first; reuse takes the newest
-        self.busy = 0  # connections lent out or being opened; at most the limit
+        self.busy = 0  # connections lent out, being opened or returning; at most the limit
+        self.returning = 0  # released, rejoining idle after one more read of their socket
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
@@ -64,7 +65,7 @@ class Http1Pool:
         connecting; ``read_timeout_s`` each wait for the upstream (head, then body).
         """
         if self._closed:
-            raise RuntimeError("the pool is closed")
+            raise PoolClosedError("the pool is closed")
         entry = self._hosts.get((host, port))
         if entry is None:
             entry = self._hosts[(host, port)] = _Host((host, port))
@@ -109,16 +110,31 @@ class Http1Pool:
 
     def release_connection(self, conn: Http1Connection, *, discard: bool) -> None:
         entry = self._hosts[conn.key]
-        entry.busy -= 1
         if not discard and not self._closed and conn.reusable:
-            conn.finish()
+            conn.finish()  # idle: from now on any byte from the upstream closes it
+            # SECURITY: it rejoins the pool after the loop has read its socket once more
+            # (a timer runs after the next poll), so bytes the upstream sent past the end
+            # of its response close it here instead of becoming the next request's
+            # response, someone else's. It stays counted as busy until then.
+            entry.returning += 1
+            asyncio.get_running_loop().call_later(0, self._return_idle, entry, conn)
+            return
+        entry.busy -= 1
+        conn.close()
+        self._wake_one(entry)
+
+    def _return_idle(self, entry: _Host, conn: Http1Connection) -> None:
+        entry.busy -= 1
+        entry.returning -= 1
+        if self._closed or conn.closed:
+            conn.close()
+        else:
+            conn.idle_since = asyncio.get_running_loop().time()
             entry.idle.append(conn)
             if self._sweep is None:
                 self._sweep = asyncio.get_running_loop().call_later(
                     self._idle_timeout_s, self._close_expired
                 )
-        else:
-            conn.close()
         self._wake_one(entry)
 
     async def aclose(self) -> None:
@@ -131,7 +147,7 @@ class Http1Pool:
             entry.idle.clear()
             for waiter in entry.waiters:
                 if not waiter.done():
-                    waiter.set_exception(RuntimeError("the pool is closed"))
+                    waiter.set_exception(PoolClosedError("the pool is closed"))
         conns = list(self._conns)
         for conn in conns:
             conn.close()
@@ -159,6 +175,12 @@ class Http1Pool:
                         entry.busy += 1
                         return conn
                     conn.close()
+            if not fresh and entry.returning > len(entry.waiters):
+                # A connection rejoins within a loop iteration: wait for it rather than
+                # open another (a client's next request on its keep-alive connection).
+                await self._wait_for_slot(loop, entry, deadline)
+                now = loop.time()
+                continue
             if entry.busy < self._limit:
                 entry.busy += 1
                 try:
@@ -181,7 +203,7 @@ class Http1Pool:
         self._conns.add(conn)
         if self._closed:  # aclose() ran while we connected
             conn.close()
-            raise RuntimeError("the pool is closed")
+            raise PoolClosedError("the pool is closed")
         return conn
 
     async def _wait_for_slot(

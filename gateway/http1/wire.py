@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
+from gateway.http1.errors import InvalidRequestError
+
 Body = bytes | AsyncIterator[bytes] | None
 
 # RFC 9110 §8.6: send Content-Length: 0 where the method gives content a meaning.
@@ -48,7 +50,7 @@ def build_head(
         if lname == _CONTENT_LENGTH:
             if streamed:
                 if not value.strip().isdigit():
-                    raise ValueError("invalid Content-Length for a streamed body")
+                    raise InvalidRequestError("invalid Content-Length for a streamed body")
                 declared = int(value)
             continue
         if lname == _TRANSFER_ENCODING:
@@ -84,7 +86,7 @@ def build_head(
         or b"\x00" in head
         or b" " in target
     ):
-        raise ValueError("a header or the target contains CR, LF, NUL or (target) a space")
+        raise InvalidRequestError("a header or the target contains CR, LF, NUL or (target) a space")
     return head, declared
 
 

@@ -77,7 +77,9 @@ async def test_chunked_response_with_trailers_is_relayed_and_reused(front: Front
     assert server.connections == 1
 
 
-async def test_head_response_keeps_its_length_and_sends_no_body(front: Front) -> None:
+async def test_head_response_keeps_its_length_and_sends_no_body(
+    front: Front, request: pytest.FixtureRequest
+) -> None:
     gateway, server = await front(
         respond_forever(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
     )
@@ -87,7 +89,10 @@ async def test_head_response_keeps_its_length_and_sends_no_body(front: Front) ->
         assert resp.headers["Content-Length"] == "100000"
         assert await resp.read() == b""
     assert (await gateway.head("/public/x")).status == 200
-    assert server.connections == 1
+    # Our client does not reuse a connection whose HEAD reply announced a body (it may
+    # come anyway, as someone else's response); aiohttp's client keeps it.
+    http1 = request.node.callspec.params["front"] == "http1"
+    assert server.connections == (3 if http1 else 1)
     assert [r.method for r in server.requests] == ["HEAD"] * 3
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.http1 import Http1Pool, Http1Response, ServerDisconnectedError
+from gateway.http1 import Http1Pool, Http1Response, PoolClosedError, ServerDisconnectedError
 from tests.fakes.raw_http import RawConn, RawServer, StartServer, respond_forever
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -212,7 +212,7 @@ async def test_aclose_closes_idle_and_lent_connections(raw_server: StartServer) 
     assert lent.status == 200
     await pool.aclose()
     await server.wait_for(lambda: server.closed_connections == 2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(PoolClosedError):
         await send(pool, server)
 
 

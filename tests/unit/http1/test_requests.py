@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.http1 import Http1Pool, Http1Response
+from gateway.http1 import Http1Pool, Http1Response, InvalidRequestError
 from gateway.http1.wire import build_authority
 from tests.fakes.raw_http import RawConn, RawServer, StartServer, respond_forever
 
@@ -96,7 +96,7 @@ async def test_a_stream_longer_than_declared_fails_and_closes(
     pool: Http1Pool, raw_server: StartServer
 ) -> None:
     server = await raw_server(respond_forever(OK))
-    with pytest.raises(ValueError, match="longer"):
+    with pytest.raises(InvalidRequestError, match="longer"):
         await send(pool, server, "PUT", [(b"Content-Length", b"2")], chunks(b"ab", b"c"))
     await server.wait_for(lambda: server.closed_connections == 1)
 
@@ -120,7 +120,7 @@ async def test_header_and_target_injection_is_refused_before_connecting(
     target: bytes,
 ) -> None:
     server = await raw_server(respond_forever(OK))
-    with pytest.raises(ValueError, match="CR, LF"):
+    with pytest.raises(InvalidRequestError, match="CR, LF"):
         await send(pool, server, "GET", headers, None, target)
     assert server.connections == 0
 
