@@ -109,7 +109,9 @@ class Route:
                 path = "/" + parts[depth + 1] if len(parts) > depth + 1 else "/"
             else:
                 path = path[len(self.prefix) :] or "/"
-        base = self.upstream.raw_path.rstrip("/")
+        # Decoded, like ``path``: the caller encodes the whole once (a base of "/my%20base"
+        # must not become "/my%2520base").
+        base = self.upstream.path.rstrip("/")
         return base + path
 
 
@@ -194,6 +196,10 @@ class RouteTable:
         if ";" in path:
             # SECURITY: "/api;x/items" is "/api/items" to a servlet upstream; route it so.
             path = _servlet_view(path)
+        if path.startswith("/auth") and (path == "/auth" or path[5] == "/"):
+            # SECURITY: /auth/ is ours. A path that only normalises into it
+            # ("/public/%2e%2e/auth/login") never falls through to a route's upstream.
+            raise NotFoundError()
         exact = self._exact.get(path)
         if exact is not None:
             return exact

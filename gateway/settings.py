@@ -354,7 +354,13 @@ class RouteSettings(Section):
     @field_validator("prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if not value.startswith("/") or "//" in value or "\\" in value or "%" in value:
+        if (
+            not value.startswith("/")
+            or "//" in value
+            or "\\" in value
+            or "%" in value
+            or ";" in value  # routes match on segment names, before any ';' (routing)
+        ):
             raise ValueError("must be an absolute, plain path such as /api/")
         if any(seg in (".", "..") for seg in value.split("/")):
             raise ValueError("must not contain dot segments")

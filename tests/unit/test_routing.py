@@ -128,6 +128,26 @@ def test_no_route_is_not_found() -> None:
         table("/api").match("/other")
 
 
+@pytest.mark.parametrize("path", ["/auth", "/auth/login", "/auth/callback", "/auth;x/login"])
+def test_a_path_that_normalises_into_auth_never_reaches_a_route(path: str) -> None:
+    # "/public/%2e%2e/auth/login" is "/auth/login" once normalised: ours, not the / route's.
+    with pytest.raises(NotFoundError):
+        table("/", "/public").match(path)
+    assert table("/", "/public").match("/authors").prefix == "/"
+
+
+def test_an_encoded_upstream_base_is_encoded_once() -> None:
+    route = RouteTable.build(
+        (RouteSettings(prefix="/api", upstream="http://127.0.0.1:1/my%20base", auth="none"),)
+    ).match("/api/x")
+    assert encode_path(route.upstream_path("/api/a b")) == "/my%20base/api/a%20b"
+
+
+def test_a_route_prefix_with_parameters_is_refused() -> None:
+    with pytest.raises(ValueError, match="plain path"):
+        RouteSettings(prefix="/api;v=1", upstream="http://127.0.0.1:1", auth="none")
+
+
 def test_upstream_path_joins_base_and_strips_prefix() -> None:
     assert table("/api").match("/api/x").upstream_path("/api/x") == "/base/api/x"
     stripped = table("/api", strip=True).match("/api/x")
