@@ -15,6 +15,7 @@ enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches 
     ├── NotFoundError                        404 not_found
     ├── MethodNotAllowedError                405 method_not_allowed
     ├── PayloadTooLargeError                 413 payload_too_large
+    ├── URITooLongError                      414 uri_too_long
     ├── HeadersTooLargeError                 431 request_header_fields_too_large
     ├── IdpError                             502 idp_error
     ├── UpstreamUnavailableError             502 upstream_unavailable
@@ -149,6 +150,12 @@ class PayloadTooLargeError(GatewayError):
     status = 413
     code = "payload_too_large"
     default_description = "the request body is too large"
+
+
+class URITooLongError(GatewayError):
+    status = 414
+    code = "uri_too_long"
+    default_description = "the request target is too long"
 
 
 class HeadersTooLargeError(GatewayError):

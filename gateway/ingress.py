@@ -3,7 +3,8 @@
 This is the one place errors become responses: a ``GatewayError`` renders as its JSON
 body and headers, aiohttp's own HTTP exceptions are mapped to ours, and anything else is
 a logged ``internal_error`` 500 without a trace in the response. Everything between
-(routing, authentication, forwarding) is ``proxy``'s.
+(routing, authentication, forwarding) is ``proxy``'s; a head aiohttp's parser refuses never
+gets here, and ``http_server`` answers it with ``render_error``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -50,12 +52,22 @@ def render_error(exc: GatewayError) -> web.Response:
     return response
 
 
-def aiohttp_parser_limits(limits: LimitsSettings) -> dict[str, int]:
-    """aiohttp's own parser limits, set above ours so ``check_headers`` answers 431 first."""
+def aiohttp_parser_limits(limits: LimitsSettings) -> dict[str, Any]:
+    """aiohttp's request parser settings, the servers' ``handler_args``.
+
+    Header fields and their number may reach twice ours, so ``check_headers`` answers 431
+    first; past that the parser refuses the head, and ``http_server`` answers 431 too. The
+    request target is held to ``max_header_bytes`` (``http_server`` answers 414): the two
+    line limits differ, which is how ``http_server`` tells which one a refused line crossed.
+    """
     return {
-        "max_line_size": limits.max_header_bytes * 2,
+        "max_line_size": limits.max_header_bytes,
         "max_field_size": limits.max_header_bytes * 2,
         "max_headers": limits.max_headers * 2,
+        # SECURITY: a proxy forwards a body as sent. Decoded here, a gzip body would reach
+        # the upstream decoded but still labelled gzip, expand in our memory, and fail our
+        # Content-Length read with a 500.
+        "auto_decompress": False,
     }
 
 

@@ -47,6 +47,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.http_parse_errors_total = Counter(
+            "tokengate_http_parse_errors_total",
+            "Request heads the HTTP parser refused, by reason: header_too_large (431), "
+            "uri_too_long (414), bad_request (400).",
+            ("reason",),
+            registry=r,
+        )
         self.upstream_request_duration_seconds = Histogram(
             "tokengate_upstream_request_duration_seconds",
             "Time the upstream took to answer with headers, by route name.",
@@ -135,6 +142,12 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(elapsed_s)
+
+    def observe_bad_head(self, reason: str, status: int) -> None:
+        """Count a request head the parser refused: by reason, and as an answered request of
+        no route. No latency is observed: no handler ran, and the head's start is unknown."""
+        self.child(self.http_parse_errors_total, reason).inc()
+        self.child(self.http_requests_total, "-", "other", str(status)).inc()
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's in multiprocess."""

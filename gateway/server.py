@@ -17,10 +17,32 @@ from aiohttp import web
 
 from gateway.admin import Readiness, build_admin_app
 from gateway.app import build_app
+from gateway.http_server import GatewayRunner
+from gateway.ingress import aiohttp_parser_limits
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def build_runners(
+    settings: Settings, metrics: Metrics, readiness: Readiness
+) -> tuple[GatewayRunner, GatewayRunner]:
+    """The public app's runner and the admin app's, not yet set up or bound: ``serve``
+    binds them to the configured ports, tests to port 0."""
+    app = build_app(settings, metrics=metrics, readiness=readiness)
+    runner = GatewayRunner(
+        app, metrics=metrics, access_log=None, shutdown_timeout=settings.limits.shutdown_grace_s
+    )
+    # The admin app has no handler_args: the same parser limits, so that a refused line
+    # is told apart there too. Its refused heads are logged, not counted, like its requests.
+    admin_runner = GatewayRunner(
+        build_admin_app(readiness, metrics),
+        access_log=None,
+        shutdown_timeout=1.0,
+        **aiohttp_parser_limits(settings.limits),
+    )
+    return runner, admin_runner
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -31,11 +53,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(multiprocess_mode=settings.workers > 1)
     readiness = Readiness()
-    app = build_app(settings, metrics=metrics, readiness=readiness)
-    admin = build_admin_app(readiness, metrics)
+    runner, admin_runner = build_runners(settings, metrics, readiness)
     limits = settings.limits
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=limits.shutdown_grace_s)
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
     reuse_port = settings.workers > 1
     await runner.setup()
     try:
