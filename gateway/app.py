@@ -219,6 +219,8 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         app.get(UPSTREAM_POOL),
         app[METRICS],
         max_body_bytes=settings.limits.max_body_bytes,
+        public_url=settings.public_url,
+        trusted_proxies=settings.forwarded.trusted_networks,
         own_cookies=frozenset(
             (settings.session.cookie_name, settings.session.login_cookie_name)
             if settings.uses_sessions

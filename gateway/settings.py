@@ -399,6 +399,38 @@ class UpstreamClientSettings(Section):
     idle_timeout_s: float = Field(4.0, gt=0)
 
 
+class ForwardedSettings(Section):
+    """Which TCP peers may tell us about the client: the proxies in front of tokengate."""
+
+    # SECURITY: addresses or CIDR networks (a load balancer's subnet), as nginx's
+    # set_real_ip_from. From such a peer the forwarding headers (Forwarded, X-Real-IP,
+    # X-Forwarded-*) are passed on and the peer appended to X-Forwarded-For; from any other
+    # peer they are removed and ours set. Identity headers are never taken from anyone.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        networks = []
+        for item in value:
+            try:
+                # Canonical form (10.1.2.3/8 is 10.0.0.0/8), so check-config shows what is
+                # trusted.
+                networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return tuple(networks)
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(network) for network in self.trusted_proxies)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOKENGATE_",
@@ -413,6 +445,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     limits: LimitsSettings = LimitsSettings()
     upstream: UpstreamClientSettings = UpstreamClientSettings()
+    forwarded: ForwardedSettings = ForwardedSettings()
     oidc: OidcSettings = OidcSettings()
     refresh: RefreshSettings = RefreshSettings()
     session: SessionSettings = SessionSettings()

@@ -1,8 +1,10 @@
 """Forwarding: one request to the route's upstream and its response back, both streamed.
 
-Strips hop-by-hop headers both ways (RFC 9110 §7.6.1), our session cookie and any
-client-sent identity headers; sets ``Authorization`` from the principal, ``X-Forwarded-*``
-and ``X-Request-Id``. Enforces the body limit while streaming (413).
+Strips hop-by-hop headers both ways (RFC 9110 §7.6.1), our session cookie, client-sent
+identity headers (under any spelling a server may fold into ours) and, unless the peer is a
+trusted proxy, the client's forwarding headers; sets ``Authorization`` from the principal,
+``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id``. Enforces the body limit while
+streaming (413).
 
 Plain ``http://`` upstreams go through ``gateway.http1`` (a keep-alive pool on llhttp, about
 twice the throughput of aiohttp's client); ``https://`` upstreams, and every upstream when
@@ -14,6 +16,7 @@ WebSockets are ``websocket``'s.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -56,6 +59,45 @@ HOP_BY_HOP = frozenset(
 )
 # Never copied from the client: we set them, or the connection does.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "expect", "x-request-id", "cookie"}
+# SECURITY: the headers upstream frameworks take the client's address, scheme, host or URL
+# from (Werkzeug's ProxyFix, Rack, Spring, Symfony, Django, Express, IIS's URL rewrite, Go's
+# RealIP middlewares, CDNs). Only a trusted proxy (forwarded.trusted_proxies) may send them;
+# from any other peer they are removed, and X-Forwarded-For/-Proto/-Host set by us.
+FORWARDING_HEADERS = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-forwarded-uri",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-host",
+        "x-host",
+        "x-real-ip",
+        "x-client-ip",
+        "client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "front-end-https",
+    }
+)
+_UNTRUSTED_DROP = _REQUEST_DROP | FORWARDING_HEADERS
+_TRUSTED_DROP = _REQUEST_DROP | {"x-forwarded-for"}  # the peer is appended to it
+# SECURITY: Werkzeug, Puma before 6.4.3 (CVE-2024-45614), nginx with underscores_in_headers
+# and every CGI/WSGI environ (HTTP_X_USER_ID) read "X_User_Id" as "X-User-Id". A client
+# header that is one of these once '_' is read as '-' is never forwarded, whoever sent it:
+# beside ours it could win. Content-Length is here for framing's sake.
+_CLAIMED = _UNTRUSTED_DROP | {"content-length"}
+_DroppedNames = tuple[frozenset[str], frozenset[str]]  # (as spelled, once '_' is read as '-')
+_PEERS_KEPT = 4096  # peer addresses whose trust is remembered (Upstream._is_trusted)
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _BUFFER_LIMIT_BYTES = 64 * 1024  # bodies up to this are read whole (cheap, and replayable)
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -158,6 +200,8 @@ class Upstream:
         metrics: Metrics,
         *,
         max_body_bytes: int,
+        public_url: str,
+        trusted_proxies: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
         own_cookies: frozenset[str] = frozenset(),
     ) -> None:
         self._http = http
@@ -165,6 +209,19 @@ class Upstream:
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
         self._own_prefixes = tuple(f"{name}=" for name in own_cookies)
+        # What users see, whatever Host a client sent or the scheme the load balancer used.
+        public = URL(public_url)
+        public_host = public.host_port_subcomponent  # default port omitted, IDN as punycode
+        if not public.scheme or public_host is None:
+            raise ValueError("public_url must be an absolute URL")
+        self._public_scheme = public.scheme
+        self._public_host = public_host
+        self._trusted_networks = tuple(trusted_proxies)
+        self._peer_trust: dict[str, bool] = {}
+        # By a route's identity headers (an entry per route), from an untrusted and from a
+        # trusted peer: see ``_dropped_names``.
+        self._untrusted_names: dict[frozenset[str], _DroppedNames] = {}
+        self._trusted_names: dict[frozenset[str], _DroppedNames] = {}
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -186,17 +243,22 @@ class Upstream:
         self, request: web.Request, route: Route, principal: Principal | None
     ) -> CIMultiDict[str]:
         incoming = request.headers
-        drop = (
-            _REQUEST_DROP | connection_tokens(incoming.getall("Connection"))
-            if "Connection" in incoming
-            else _REQUEST_DROP
-        )
-        identity = route.identity_header_names  # built once per route, not per request
+        peer = request.remote or ""
+        trusted = bool(self._trusted_networks) and self._is_trusted(peer)
+        names = self._trusted_names if trusted else self._untrusted_names
+        identity = route.identity_header_names
+        known = names.get(identity)
+        if known is None:
+            known = names[identity] = _dropped_names(identity, trusted=trusted)
+        drop, claimed = known
+        if "Connection" in incoming:
+            drop = drop | connection_tokens(incoming.getall("Connection"))
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             lname = name.lower()
-            if lname not in drop and lname not in identity:
-                headers.add(name, value)
+            if lname in drop or ("_" in lname and lname.replace("_", "-") in claimed):
+                continue
+            headers.add(name, value)
         cookie = self._forwarded_cookie(incoming)
         if cookie:
             headers["Cookie"] = cookie
@@ -212,15 +274,31 @@ class Upstream:
                         headers[header] = text
         elif route.auth == "none" and "Authorization" in incoming:
             headers["Authorization"] = incoming["Authorization"]  # not ours to judge
-        peer = request.remote or ""
-        previous = incoming.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        headers["X-Forwarded-Proto"] = request.scheme
-        headers["X-Forwarded-Host"] = request.host
+        if trusted:
+            # A proxy of ours: its forwarding headers were kept above; the chain grows by one.
+            chain = [v for v in incoming.getall("X-Forwarded-For", ()) if v.strip()]
+            headers["X-Forwarded-For"] = ", ".join((*chain, peer))
+            headers.setdefault("X-Forwarded-Proto", self._public_scheme)
+            headers.setdefault("X-Forwarded-Host", self._public_host)
+        else:
+            headers["X-Forwarded-For"] = peer
+            headers["X-Forwarded-Proto"] = self._public_scheme
+            headers["X-Forwarded-Host"] = self._public_host
         ctx = current()
         if ctx is not None:
             headers["X-Request-Id"] = ctx.request_id
         return headers
+
+    def _is_trusted(self, peer: str) -> bool:
+        # Parsing an address costs more than the rest of build_headers; most requests come
+        # from a few peers (the load balancer's), so answers are kept, up to a bound.
+        known = self._peer_trust
+        trusted = known.get(peer)
+        if trusted is None:
+            if len(known) >= _PEERS_KEPT:
+                known.clear()
+            trusted = known[peer] = _in_networks(peer, self._trusted_networks)
+        return trusted
 
     def _forwarded_cookie(self, incoming: CIMultiDictProxy[str]) -> str | None:
         values = incoming.getall("Cookie", ())
@@ -378,6 +456,26 @@ class Upstream:
             upstream.close()  # the client went away (cancelled): the rest is unread
             raise
         return response
+
+
+def _in_networks(
+    peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False  # a Unix socket: no address to trust
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+    return any(address in network for network in networks)
+
+
+def _dropped_names(identity: frozenset[str], *, trusted: bool) -> _DroppedNames:
+    """Client header names never forwarded on a route: as spelled (lowercase), and as read
+    by a server that takes '_' for '-'. Identity headers are ours under either spelling."""
+    folded = frozenset(name.replace("_", "-") for name in identity)
+    drop = (_TRUSTED_DROP if trusted else _UNTRUSTED_DROP) | identity | folded
+    return drop, _CLAIMED | folded
 
 
 async def _stream_limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
