@@ -21,7 +21,8 @@ class Principal:
 
 
 def parse_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    """Scopes from ``scope`` (RFC 8693 §4.2, space-delimited) or ``scp`` (an array)."""
+    """Scopes from ``scope`` (RFC 8693 §4.2, space-delimited) or ``scp`` (an array, or
+    space-delimited as Microsoft Entra ID sends it)."""
     value = claims.get("scope", claims.get("scp"))
     if isinstance(value, str):
         return frozenset(parse_scope_tokens(value))

@@ -88,9 +88,14 @@ def _decode_segment(segment: str) -> bytes:
     return decoded
 
 
+def _no_constant(name: str) -> Any:
+    # NaN, Infinity and -Infinity are Python's json extensions, not JSON (RFC 8259 §6).
+    raise ValueError(name)
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise _malformed(f"the token's {what} is not JSON") from None
     if not isinstance(value, dict):
@@ -230,8 +235,10 @@ def _check_claim_types(claims: dict[str, Any]) -> None:
         raise _malformed("the token's aud claim is not a string or an array of strings")
     if "scope" in claims and not isinstance(claims["scope"], str):
         raise _malformed("the token's scope claim is not a string")  # RFC 8693 §4.2
-    if "scp" in claims and not _strings(claims["scp"]):
-        raise _malformed("the token's scp claim is not an array of strings")
+    # scp is an array of strings (Okta, Keycloak) or, in Microsoft Entra ID's access tokens,
+    # a space-delimited string like scope; nothing else.
+    if "scp" in claims and not isinstance(claims["scp"], str) and not _strings(claims["scp"]):
+        raise _malformed("the token's scp claim is not a string or an array of strings")
 
 
 def _strings(value: Any) -> bool:
