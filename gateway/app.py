@@ -300,6 +300,23 @@ def build_app(
     # aiohttp's router never answers by itself (no 404 or 405 of its own).
     if settings.uses_sessions:
         add_auth_routes(app, ingress.wrap, oidc_login=settings.uses_oidc_login)
-    app.router.add_route("*", "/auth/{tail:.*}", ingress.wrap(reserved_auth_path))
-    app.router.add_route("*", "/{tail:.*}", ingress.wrap(handle))
+    app.router.add_route("*", r"/auth/{tail:[\s\S]*}", ingress.wrap(reserved_auth_path))
+    every_target = AnyTarget()
+    app.router.register_resource(every_target)
+    every_target.add_route("*", ingress.wrap(handle))
     return app
+
+
+class AnyTarget(web.PlainResource):
+    """The last resource: it matches every request target, also those no path pattern can
+    (``OPTIONS *``, ``CONNECT host:443``, a path with an encoded line feed), so aiohttp's
+    router never answers by itself; ``proxy`` judges the target (400 for these)."""
+
+    def __init__(self) -> None:
+        super().__init__("/")  # indexed under "/", where aiohttp's lookup of any path ends
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {}
+
+    def raw_match(self, path: str) -> bool:
+        return True

@@ -16,7 +16,14 @@ from typing import Any
 from aiohttp import web, web_response
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
-from gateway.errors import BadRequestError, GatewayError, HeadersTooLargeError, URITooLongError
+from gateway.errors import (
+    BadRequestError,
+    GatewayError,
+    HeadersTooLargeError,
+    MethodNotAllowedError,
+    NotFoundError,
+    URITooLongError,
+)
 from gateway.ingress import render_error
 from gateway.metrics import Metrics
 
@@ -105,6 +112,27 @@ class GatewayServer(web.Server):
         return GatewayRequestHandler(self, metrics=self._metrics, loop=self._loop, **self._kwargs)
 
 
+def _answering_as_ours(handler: _Handler) -> _Handler:
+    """``handler`` (an app's), with what aiohttp's router answers by itself made ours: a
+    target no resource can match even in principle (``CONNECT host:443`` has no path, so
+    aiohttp's lookup never starts) gets its 404 as our JSON, never aiohttp's text."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            error = _ROUTER_ERRORS.get(exc.status, BadRequestError)()
+            return render_error(error)
+
+    return handle
+
+
+_ROUTER_ERRORS: dict[int, type[GatewayError]] = {
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+}
+
+
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` serving its app through a ``GatewayServer``; refused heads are
     counted in ``metrics`` when given."""
@@ -122,7 +150,7 @@ class GatewayRunner(web.AppRunner):
         # arguments and the app's handler_args merged; ours takes all of them over.
         server = await super()._make_server()
         return GatewayServer(
-            server.request_handler,
+            _answering_as_ours(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             metrics=self._metrics,

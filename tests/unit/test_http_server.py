@@ -286,6 +286,24 @@ async def test_a_malformed_head_is_400_json_echoing_nothing(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head(b"CONNECT example.com:443 HTTP/1.1", b"Host: example.com:443"),
+        head(b"OPTIONS * HTTP/1.1", b"Host: localhost"),
+    ],
+    ids=["connect", "asterisk"],
+)
+async def test_a_target_with_no_path_is_answered_as_ours(
+    served: Served, upstream: RawServer, raw: bytes
+) -> None:
+    reply = await send(served.port, raw)
+    assert reply.status in (400, 404)
+    assert reply.header("content-type") == "application/json; charset=utf-8"
+    assert reply.json()["error"] in ("invalid_request", "not_found")
+    assert upstream.requests == []
+
+
 async def test_request_bodies_reach_the_upstream_as_sent_never_decoded(
     served: Served, upstream: RawServer, caplog: pytest.LogCaptureFixture
 ) -> None:
