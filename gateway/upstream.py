@@ -40,6 +40,7 @@ from gateway.ingress import set_request_id_header
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.routing import Route
+from gateway.set_cookie import CookieGuard
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class Upstream:
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
         self._own_prefixes = tuple(f"{name}=" for name in own_cookies)
+        self._cookie_guard = CookieGuard(own_cookies)
         # What users see, whatever Host a client sent or the scheme the load balancer used.
         public = URL(public_url)
         public_host = public.host_port_subcomponent  # default port omitted, IDN as punycode
@@ -411,15 +413,15 @@ class Upstream:
             if name.lower() == "connection":
                 drop = drop | connection_tokens(header_values(raw, "connection"))
                 break
-        # SECURITY: an upstream must not plant or overwrite our cookies (session fixation).
-        # The value is looked at first: for nearly every header that alone says no.
-        own = self._own_prefixes
-        headers = [
-            (k, v)
-            for k, v in raw
-            if k.lower() not in drop
-            and not (own and v.lstrip().startswith(own) and k.lower() == "set-cookie")
-        ]
+        # SECURITY: an upstream must not plant or overwrite our cookies (session fixation,
+        # login CSRF): their names are parsed as a browser parses them (``set_cookie``).
+        guard = self._cookie_guard
+        headers = []
+        for k, v in raw:
+            lname = k.lower()
+            if lname in drop or (guard and lname == "set-cookie" and guard.plants(v)):
+                continue
+            headers.append((k, v))
         length = upstream.content_length
         no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
         if not no_body and length is not None and length <= _BUFFER_LIMIT_BYTES:

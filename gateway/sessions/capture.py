@@ -37,6 +37,7 @@ from gateway.routing import Route
 from gateway.sessions.cookie import SessionCookies, new_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session, SessionStore
+from gateway.set_cookie import CookieGuard, parse_set_cookie_name
 from gateway.settings import CaptureSettings, JsonResponsePaths
 from gateway.upstream import HOP_BY_HOP, UpstreamReply, connection_tokens, header_values
 
@@ -97,6 +98,7 @@ class TokenCapture:
     ) -> None:
         self._store = store
         self._cookies = cookies
+        self._guard = CookieGuard(frozenset((cookies.name, cookies.login_name)))
         self._default_lifetime_s = default_lifetime_s
         self._metrics = metrics
         self._clock = clock
@@ -181,10 +183,9 @@ class TokenCapture:
     def _forbidden_cookie(self, set_cookie: str) -> bool:
         """An upstream must not plant our cookies (fixation) nor hand the browser a token
         as a cookie of its own (``refreshToken=...``)."""
-        name = set_cookie.partition("=")[0].strip()
-        return name in (self._cookies.name, self._cookies.login_name) or (
-            _normalised(name) in _TOKEN_NAMES
-        )
+        if self._guard.plants(set_cookie):
+            return True
+        return _normalised(parse_set_cookie_name(set_cookie) or "") in _TOKEN_NAMES
 
     def _session_of(self, status: int, reply: Any, settings: CaptureSettings) -> Session | None:
         """The session a successful login reply starts, or None."""
