@@ -120,7 +120,10 @@ def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
 
 class UpstreamReply(Protocol):
     """An upstream's answer with its body still on the wire; ``gateway.http1.Http1Response``
-    is one. Errors while reading are ``TimeoutError`` or another ``OSError``.
+    is one. Errors while reading are ``TimeoutError`` or another ``OSError``: the one
+    boundary (``open``, ``relay``) turns them into 504 / 502, and both clients raise
+    nothing else (``gateway.http1`` by its error tree, aiohttp's by the translation in
+    ``_ClientReply`` and ``_open_with_aiohttp``).
 
     ``headers`` are ``(name, value)`` pairs in arrival order. ``read`` and a finished
     ``iter_chunks`` release the connection; ``release`` gives it back unread (closing it if
@@ -398,6 +401,11 @@ class Upstream:
             if isinstance(exc, TimeoutError):
                 raise
             raise ConnectionError(str(exc)) from exc
+        except (ValueError, RuntimeError) as exc:
+            # aiohttp's own checks (a header value it will not send, a session closed at
+            # shutdown): the request cannot reach the upstream, which is a 502, not a 500.
+            log.warning("upstream_request_refused", extra={"error_type": type(exc).__name__})
+            raise ConnectionError(type(exc).__name__) from exc
         if response.status < 200:
             # A protocol switch we did not ask for (WebSockets go through ``websocket``):
             # relaying it would hand the client a connection neither side can frame.

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import build_app
+from gateway.app import UPSTREAM_HTTP, UPSTREAM_POOL, build_app
 from gateway.settings import Settings, parse_settings
 from tests.conftest import base_config
 from tests.fakes.issuer import FakeIssuer
@@ -228,6 +228,24 @@ async def test_upstream_refused_is_502(
     resp = await client.get("/public/x")
     assert resp.status == 502
     assert (await resp.json())["error"] == "upstream_unavailable"
+
+
+async def test_an_upstream_client_that_cannot_send_is_502_never_500(
+    aiohttp_client: Any, issuer: FakeIssuer, upstream: Upstream, upstream_client: str
+) -> None:
+    # The app's upstream clients closed under it (as at shutdown): the pool raises its own
+    # PoolClosedError, aiohttp's session a RuntimeError; both are the upstream side's.
+    config = base_config(issuer.url, upstream[1], upstream={"client": upstream_client})
+    app = build_app(parse_settings(config))
+    client = await aiohttp_client(app)
+    if upstream_client == "http1":
+        await app[UPSTREAM_POOL].aclose()
+    else:
+        await app[UPSTREAM_HTTP].close()
+    resp = await client.get("/public/x")
+    assert resp.status == 502
+    assert (await resp.json())["error"] == "upstream_unavailable"
+    assert upstream[0].seen == []
 
 
 async def test_upstream_timeout_is_504(gateway: Gateway, upstream: Upstream) -> None:
