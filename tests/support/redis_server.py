@@ -37,8 +37,19 @@ def redis_server_available() -> bool:
 
 
 class RedisServerProcess:
-    def __init__(self, *, start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        start_timeout_s: float = 10.0,
+        args: tuple[str, ...] = (),
+        config: str | None = None,
+    ) -> None:
+        """``args`` are more redis-server options (``--replicaof``, ``--cluster-enabled``);
+        ``config`` is the text of a configuration file given first (a Sentinel's, which
+        redis-server rewrites as it learns the topology)."""
         self._start_timeout_s = start_timeout_s
+        self._args = args
+        self._config = config
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -67,12 +78,20 @@ class RedisServerProcess:
         binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else shutil.which("redis-server")
         if binary is None:
             raise RedisServerError("redis-server is not installed")
+        first: list[str] = []
+        if self._config is not None:
+            config_path = Path(self._workdir.name) / "redis.conf"
+            if not config_path.exists():  # kept across restart(): Sentinel rewrites it
+                config_path.write_text(self._config)
+            first = [str(config_path)]
         with self._log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
                     binary,
+                    *first,
                     *("--port", str(self._port), "--bind", "127.0.0.1"),
                     *("--save", "", "--appendonly", "no", "--dir", self._workdir.name),
+                    *self._args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
