@@ -228,7 +228,17 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         ),
     )
     auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS))
-    app[PROXY] = Proxy(RouteTable.build(settings.routes), auth, upstream, app.get(CAPTURE))
+    app[PROXY] = Proxy(
+        RouteTable.build(settings.routes),
+        auth,
+        upstream,
+        app.get(CAPTURE),
+        replay_non_idempotent=frozenset(
+            str(route.name)
+            for route in settings.routes
+            if route.replay_non_idempotent_after_refresh
+        ),
+    )
     yield
 
 

@@ -258,6 +258,10 @@ class RefreshSettings(Section):
     default_lifetime_s: float = Field(300.0, gt=0)  # opaque token and no expires_in
     token_endpoint: str | None = None  # default: from discovery
     scope: tuple[str, ...] = ()  # ask for a narrower scope on refresh (RFC 6749 §6)
+    # An upstream 401 to an access token younger than this (obtained by a refresh) is
+    # relayed without refreshing again: an upstream that rejects every token must not turn
+    # each request into a refresh grant at the IdP.
+    forced_min_interval_s: float = Field(30.0, ge=0)
 
     @field_validator("token_endpoint")
     @classmethod
@@ -350,6 +354,9 @@ class RouteSettings(Section):
     identity_headers: dict[str, str] = Field(default_factory=dict)  # header -> claim
     max_body_bytes: int | None = Field(None, ge=0)
     capture_tokens: CaptureSettings | None = None  # a login API whose reply starts a session
+    # After an upstream 401 and a refreshed token, requests are replayed only when their
+    # method is idempotent (RFC 9110 §9.2.2); true replays POST and PATCH too.
+    replay_non_idempotent_after_refresh: bool = False
 
     @field_validator("prefix")
     @classmethod

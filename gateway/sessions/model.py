@@ -35,6 +35,9 @@ class Session:
     claims: Mapping[str, Any] = field(default_factory=dict)
     idp_session_id: str | None = None  # the IdP's `sid`, for back-channel logout
     created_at: float = 0.0
+    # When a refresh obtained the current access token; 0.0 for the login's token, and in
+    # sessions stored before this field existed (they read it as its default).
+    refreshed_at: float = 0.0
     version: int = 0  # bumped by every successful compare-and-set write
 
     def to_json(self) -> bytes:
@@ -46,7 +49,11 @@ class Session:
     def from_json(cls, raw: bytes, version: int) -> Session:
         data = json.loads(raw)
         data["scopes"] = tuple(data.get("scopes", ()))
-        return cls(**data, version=version)
+        # A field a later release added is dropped, not a reason to end the session: during
+        # a rolling upgrade both releases read what either wrote (the JSON is sealed, so
+        # every key in it is ours).
+        known = {key: value for key, value in data.items() if key in _SESSION_FIELDS}
+        return cls(**known, version=version)
 
     def with_tokens(
         self,
@@ -56,6 +63,7 @@ class Session:
         refresh_token: str | None,
         id_token: str | None,
         scopes: tuple[str, ...] | None = None,
+        refreshed_at: float | None = None,
     ) -> Session:
         return replace(
             self,
@@ -65,7 +73,11 @@ class Session:
             refresh_token=refresh_token or self.refresh_token,
             id_token=id_token or self.id_token,
             scopes=self.scopes if scopes is None else scopes,
+            refreshed_at=self.refreshed_at if refreshed_at is None else refreshed_at,
         )
+
+
+_SESSION_FIELDS = frozenset(Session.__dataclass_fields__) - {"version"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ processes and replicas the store's per-session lock, after which the session is 
 (another replica may already have refreshed). The flight is a task owned here, not by any
 request: requests await it through ``asyncio.shield``, so a client that hangs up cancels
 only its own wait, and the IdP call and the compare-and-set write of its result always
-finish. What the IdP is asked, and how, is the dialect's job (``idp``).
+finish. A forced refresh (an upstream rejected the token) takes the same flight and lock,
+and is declined while the token is younger than ``forced_min_interval_s``. What the IdP is
+asked, and how, is the dialect's job (``idp``).
 """
 
 from __future__ import annotations
@@ -44,12 +46,24 @@ class Refresher:
     def needs_refresh(self, session: Session) -> bool:
         return session.access_expires_at - self._settings.ahead_s <= self._clock()
 
+    def _may_force(self, session: Session) -> bool:
+        """Whether an upstream's rejection of ``session``'s token may refresh it now.
+
+        SECURITY: not within ``forced_min_interval_s`` of the refresh that obtained it. An
+        upstream that answers 401 to every token would otherwise make each request refresh
+        the token the one before it just obtained: a grant at the IdP per request. The
+        decision reads the session itself, so it holds on every replica."""
+        return self._clock() - session.refreshed_at >= self._settings.forced_min_interval_s
+
     async def ensure_fresh(
         self, handle: SessionHandle, session: Session, *, force: bool = False
     ) -> Session:
         """The session with an access token good for ``ahead_s`` more; ``force`` refreshes
-        even so, unless the token was already replaced (an upstream rejected ``session``'s)."""
-        if not force and not self.needs_refresh(session):
+        even so (an upstream rejected ``session``'s token), unless the token was already
+        replaced or is too young (``_may_force``)."""
+        if not self._wants_refresh(session, force):
+            if force:
+                self._metrics.refresh_total.labels(result="forced_too_soon").inc()
             return session
         flight = self._flights.get(handle.storage_id)
         if flight is None:
@@ -80,10 +94,13 @@ class Refresher:
         if not task.cancelled():
             task.exception()  # read by the awaiting requests; never "never retrieved"
 
+    def _wants_refresh(self, session: Session, force: bool) -> bool:
+        return self.needs_refresh(session) or (force and self._may_force(session))
+
     def _is_fresh(self, current: Session, seen: Session, force: bool) -> bool:
         if current.access_token != seen.access_token:
             return True  # someone refreshed since this request read the session
-        return not force and not self.needs_refresh(current)
+        return not self._wants_refresh(current, force)
 
     async def _refresh(self, handle: SessionHandle, seen: Session, force: bool) -> Session:
         store = self._store
@@ -135,6 +152,7 @@ class Refresher:
             refresh_token=tokens.refresh_token,
             id_token=tokens.id_token,
             scopes=tokens.scopes,
+            refreshed_at=self._clock(),
         )
         saved = await self._store.save(handle, updated)
         if saved is None:

@@ -12,18 +12,21 @@ import base64
 import dataclasses
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from gateway.app import STORE
 from gateway.sessions.cookie import parse_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session, SessionHandle
-from tests.integration.conftest import Bff, bff_config, free_port
+from tests.fakes.upstream import FakeUpstream
+from tests.integration.conftest import Bff, bff_config, free_port, start_bff
 from tests.support.gateway_process import GatewayProcess
-from tests.support.idp import CLIENT_SECRET
+from tests.support.idp import CLIENT_SECRET, OidcProviderProcess
 from tests.support.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.integration
@@ -161,14 +164,16 @@ async def test_revoked_refresh_token_ends_the_session(bff: Bff) -> None:
     assert await bff.app[STORE].load(handle) is None
 
 
-async def test_upstream_401_refreshes_once_and_replays_once(bff: Bff) -> None:
+async def test_upstream_401_refreshes_once_and_replays_an_idempotent_request_once(
+    bff: Bff,
+) -> None:
     browser = bff.browser()
     await bff.login(browser)
     session = await bff.app[STORE].load(handle_of(bff, browser))
     assert session is not None
     bff.upstream.rejected_tokens.add(session.access_token)
     await bff.idp.reset()
-    status, _ = await bff.api(browser, "/api/items", method="POST", json={"a": 1})
+    status, _ = await bff.api(browser, "/api/items", method="PUT", json={"a": 1})
     assert status == 200
     assert await refresh_grants(bff) == 1
     assert [
@@ -176,12 +181,97 @@ async def test_upstream_401_refreshes_once_and_replays_once(bff: Bff) -> None:
     ] == [True, False]
     assert bff.upstream.seen[1].body_bytes == bff.upstream.seen[0].body_bytes > 0
 
-    bff.upstream.reject_every_token = True  # never replay twice
-    bff.upstream.seen.clear()
-    status, _ = await bff.api(browser, "/api/items")
-    assert status == 401
-    assert len(bff.upstream.seen) == 2
-    assert await refresh_grants(bff) == 2
+
+async def test_a_post_refused_with_401_gets_a_new_token_but_is_not_replayed(bff: Bff) -> None:
+    browser = bff.browser()
+    await bff.login(browser)
+    session = await bff.app[STORE].load(handle_of(bff, browser))
+    assert session is not None
+    bff.upstream.rejected_tokens.add(session.access_token)
+    await bff.idp.reset()
+    status, _ = await bff.api(browser, "/api/items", method="POST", json={"a": 1})
+    assert status == 401  # the upstream's own answer
+    assert await refresh_grants(bff) == 1
+    assert [(s.method, s.headers["Authorization"]) for s in bff.upstream.seen] == [
+        ("POST", f"Bearer {session.access_token}")
+    ]
+    # The client's retry is its own decision, and it carries the new token.
+    status, _ = await bff.api(browser, "/api/items", method="POST", json={"a": 1})
+    assert status == 200
+    assert bff.upstream.seen[-1].headers["Authorization"] != f"Bearer {session.access_token}"
+    assert await refresh_grants(bff) == 1
+
+
+def tokens_seen(bff: Bff, method: str) -> Counter[str]:
+    return Counter(s.headers["Authorization"] for s in bff.upstream.seen if s.method == method)
+
+
+async def test_an_upstream_refusing_every_token_costs_one_refresh_grant_per_window(
+    bff: Bff,
+) -> None:
+    # The red team's endpoint: 401 to every token. Within refresh.forced_min_interval_s
+    # (30 s) of the refresh an upstream 401 caused, further 401s are relayed as they are.
+    browser = bff.browser()
+    await bff.login(browser)
+    session = await bff.app[STORE].load(handle_of(bff, browser))
+    assert session is not None
+    login_token = f"Bearer {session.access_token}"
+    bff.upstream.reject_every_token = True
+    await bff.idp.reset()
+    started = time.monotonic()
+
+    concurrent = await asyncio.gather(*(bff.api(browser, "/api/items") for _ in range(30)))
+    assert [status for status, _ in concurrent] == [401] * 30
+    assert await refresh_grants(bff) == 1
+    seen = tokens_seen(bff, "GET")
+    assert seen.pop(login_token) == 30
+    assert list(seen.values()) == [30]  # each GET replayed once, all with the one new token
+
+    for _ in range(30):
+        status, _ = await bff.api(browser, "/api/items")
+        assert status == 401
+    assert await refresh_grants(bff) == 1
+    assert sum(tokens_seen(bff, "GET").values()) == 90  # no replay: nothing new to send
+
+    posts = [bff.api(browser, "/api/items", method="POST", json={"n": n}) for n in range(30)]
+    assert [status for status, _ in await asyncio.gather(*posts)] == [401] * 30
+    for n in range(30):
+        status, _ = await bff.api(browser, "/api/items", method="POST", json={"n": n})
+        assert status == 401
+    assert sum(tokens_seen(bff, "POST").values()) == 60  # each POST reached it once
+    assert await refresh_grants(bff) == 1
+    assert time.monotonic() - started < bff.settings.refresh.forced_min_interval_s
+
+
+async def test_a_route_may_let_its_posts_be_replayed_after_a_refresh(
+    idp: OidcProviderProcess, redis_server: RedisServerProcess
+) -> None:
+    upstream = FakeUpstream()
+    upstream_server = TestServer(upstream.web_app(), host="127.0.0.1")
+    await upstream_server.start_server()
+    route = {
+        "prefix": "/api",
+        "upstream": str(upstream_server.make_url("")).rstrip("/"),
+        "auth": "session",
+        "replay_non_idempotent_after_refresh": True,
+    }
+    bff, server, unused_upstream = await start_bff(idp, redis_server.url, routes=[route])
+    try:
+        browser = bff.browser()
+        await bff.login(browser)
+        session = await bff.app[STORE].load(handle_of(bff, browser))
+        assert session is not None
+        upstream.rejected_tokens.add(session.access_token)
+        await bff.idp.reset()
+        status, _ = await bff.api(browser, "/api/items", method="POST", json={"a": 1})
+        assert status == 200
+        assert [s.method for s in upstream.seen] == ["POST", "POST"]
+        assert await refresh_grants(bff) == 1
+    finally:
+        for browser in bff.browsers:
+            await browser.close()
+        for test_server in (server, unused_upstream, upstream_server):
+            await test_server.close()
 
 
 async def test_dead_lock_holder_is_outlived_by_the_lock_ttl(bff: Bff) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import RefreshUnavailableError, SessionExpiredError
 from gateway.idp.discovery import Discovery
@@ -165,8 +169,11 @@ async def test_idp_timeout_is_enforced(parts: Parts) -> None:
 
 
 async def test_forced_refresh_after_upstream_rejection(parts: Parts) -> None:
-    store, idp, refresher, handle = parts
+    store, idp, _, handle = parts
+    clock = Clock(time.time())
+    refresher = Refresher(store, idp, RefreshSettings(ahead_s=60, timeout_s=1), Metrics(), clock)
     fresh = await refresher.ensure_fresh(handle, await load(store, handle))
+    clock.now += 30  # refresh.forced_min_interval_s after the refresh that obtained it
     forced = await refresher.ensure_fresh(handle, fresh, force=True)
     assert forced.access_token == "access-2"
     # A second forced refresh with the already-replaced token does not refresh again.
@@ -231,3 +238,152 @@ async def test_a_discovery_failure_during_refresh_is_transient(
             await refresher.ensure_fresh(handle, expired)
         assert raised.value.headers() == {"Retry-After": "7"}
         await refresher.aclose()
+
+
+class Clock:
+    """Wall time that moves only when a test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClockedIdp:
+    """Counts refresh grants where they arrive; its tokens live an hour on ``clock``."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls = 0
+
+    async def refresh(self, session: Session) -> TokenSet:
+        self.calls += 1
+        await asyncio.sleep(0)  # an IdP answers later: concurrent callers overlap
+        return TokenSet(
+            access_token=f"access-{self.calls}",
+            expires_at=self.clock() + 3600,
+            refresh_token=f"refresh-{self.calls}",
+        )
+
+
+WINDOW_S = 30.0
+
+
+async def rejected_session(clock: Clock) -> tuple[MemorySessionStore, SessionHandle, Session]:
+    """A session whose valid access token came from the login (never refreshed)."""
+    store = MemorySessionStore(SessionSettings(store="memory"), clock=clock)
+    handle = derive_handle(secrets.token_bytes(32))
+    await store.create(
+        handle,
+        Session(
+            subject="alice",
+            access_token="access-0",
+            access_expires_at=clock() + 3600,
+            refresh_token="refresh-0",
+            created_at=clock(),
+        ),
+    )
+    return store, handle, await load(store, handle)
+
+
+def refresher_on(store: MemorySessionStore, idp: ClockedIdp, clock: Clock) -> Refresher:
+    settings = RefreshSettings(ahead_s=60, timeout_s=1, forced_min_interval_s=WINDOW_S)
+    return Refresher(store, idp, settings, Metrics(), clock)
+
+
+async def test_a_token_rejected_again_within_the_window_is_not_refreshed_again() -> None:
+    clock = Clock(1_000_000.0)
+    store, handle, session = await rejected_session(clock)
+    idp = ClockedIdp(clock)
+    refresher = refresher_on(store, idp, clock)
+    # An upstream that answers 401 to every token: each request forces with what it holds.
+    renewed = await refresher.ensure_fresh(handle, session, force=True)
+    assert (renewed.access_token, renewed.refreshed_at) == ("access-1", clock.now)
+    for _ in range(30):
+        clock.now += (WINDOW_S - 0.001) / 30
+        held = await refresher.ensure_fresh(handle, await load(store, handle), force=True)
+        assert held.access_token == "access-1"
+    assert idp.calls == 1
+    clock.now += 0.001  # the token is now as old as the window: one more refresh
+    assert (await refresher.ensure_fresh(handle, held, force=True)).access_token == "access-2"
+    assert idp.calls == 2
+
+
+async def test_concurrent_forced_refreshes_of_one_rejected_token_make_one_grant() -> None:
+    clock = Clock(1_000_000.0)
+    store, handle, session = await rejected_session(clock)
+    idp = ClockedIdp(clock)
+    # Two processes on one store: each has its own single flight; the lock joins them.
+    replicas = [refresher_on(store, idp, clock), refresher_on(store, idp, clock)]
+    results = await asyncio.gather(
+        *(replicas[n % 2].ensure_fresh(handle, session, force=True) for n in range(30))
+    )
+    assert idp.calls == 1
+    assert {r.access_token for r in results} == {"access-1"}
+
+
+async def test_a_session_stored_without_refreshed_at_may_be_refreshed_once() -> None:
+    # Sealed by a release before refreshed_at existed: it reads as never refreshed.
+    clock = Clock(1_000_000.0)
+    store, handle, session = await rejected_session(clock)
+    legacy = dict(json.loads(session.to_json()))
+    del legacy["refreshed_at"]
+    assert Session.from_json(json.dumps(legacy).encode(), session.version) == session
+    idp = ClockedIdp(clock)
+    refresher = refresher_on(store, idp, clock)
+    await refresher.ensure_fresh(handle, session, force=True)
+    await refresher.ensure_fresh(handle, await load(store, handle), force=True)
+    assert idp.calls == 1
+
+
+def test_a_session_field_from_a_later_release_is_ignored() -> None:
+    session = Session(subject="alice", access_token="a", access_expires_at=1.0, created_at=1.0)
+    later = {**json.loads(session.to_json()), "field_of_a_later_release": [1, 2]}
+    assert Session.from_json(json.dumps(later).encode(), 3) == dataclasses.replace(
+        session, version=3
+    )
+
+
+# Each step: how far the clock moves, how many requests (concurrent) are refused with the
+# token the session holds, and how many with a token it held before.
+STEPS = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=2 * WINDOW_S),
+        st.integers(min_value=1, max_value=4),
+        st.integers(min_value=0, max_value=2),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(steps=STEPS)
+async def test_forced_refreshes_make_one_grant_per_window_whatever_the_requests(
+    steps: list[tuple[float, int, int]],
+) -> None:
+    clock = Clock(1_000_000.0)
+    store, handle, first = await rejected_session(clock)
+    idp = ClockedIdp(clock)
+    replicas = [refresher_on(store, idp, clock), refresher_on(store, idp, clock)]
+    grants_expected = 0
+    last_grant_at = first.refreshed_at  # 0.0: the login's token may be refreshed at once
+    older: Session | None = None
+    for advance_s, current_callers, stale_callers in steps:
+        clock.now += advance_s
+        current = await load(store, handle)
+        callers = [current] * current_callers + ([older] * stale_callers if older else [])
+        results = await asyncio.gather(
+            *(
+                replicas[n % 2].ensure_fresh(handle, seen, force=True)
+                for n, seen in enumerate(callers)
+            )
+        )
+        if clock.now - last_grant_at >= WINDOW_S:
+            grants_expected += 1
+            last_grant_at = clock.now
+        assert idp.calls == grants_expected
+        latest = await load(store, handle)
+        assert {r.access_token for r in results} == {latest.access_token}
+        if latest.access_token != current.access_token:
+            older = current
