@@ -180,6 +180,8 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
         settings.csrf,
         settings.public_url,
         principals_kept=settings.session.local_cache_size,
+        absolute_timeout_s=settings.session.absolute_timeout_s,
+        clock=app[CLOCK],
     )
     app[REFRESHER] = refresher
     app[SESSIONS] = authenticator
@@ -227,7 +229,7 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
             else ()
         ),
     )
-    auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS))
+    auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS), clock=app[CLOCK])
     app[PROXY] = Proxy(
         RouteTable.build(settings.routes),
         auth,

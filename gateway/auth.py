@@ -2,12 +2,17 @@
 
 ``bearer`` validates the ``Authorization`` header (RFC 6750 §2.1 only: never a query or
 form parameter). ``session`` modes defer to the session authenticator, where a valid
-Bearer header still wins. Required scopes are checked here, for both. Token
-cryptography is ``tokens``'s job; cookies, CSRF and refresh are ``sessions``'s.
+Bearer header still wins. Required scopes are checked here, for both; and here a
+connection that outlives its request learns when its principal stops standing
+(``wait_ended``). Token cryptography is ``tokens``'s job; cookies, CSRF and refresh are
+``sessions``'s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -20,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.principal import Principal
 from gateway.routing import Route
+from gateway.sessions.model import SessionHandle
 from gateway.tokens.validator import TokenValidator
 
 
@@ -27,6 +33,8 @@ class SessionAuthenticator(Protocol):
     async def authenticate(self, request: web.Request, route: Route) -> Principal: ...
 
     async def after_upstream_rejection(self, principal: Principal) -> Principal | None: ...
+
+    async def wait_ended(self, handle: SessionHandle) -> None: ...
 
 
 def parse_bearer(request: web.Request) -> str | None:
@@ -48,10 +56,14 @@ def parse_bearer(request: web.Request) -> str | None:
 
 class Authenticator:
     def __init__(
-        self, validator: TokenValidator | None, sessions: SessionAuthenticator | None = None
+        self,
+        validator: TokenValidator | None,
+        sessions: SessionAuthenticator | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._validator = validator
         self._sessions = sessions
+        self._clock = clock
 
     async def authenticate(self, request: web.Request, route: Route) -> Principal | None:
         mode = route.auth
@@ -77,3 +89,12 @@ class Authenticator:
         if principal.via != "session" or self._sessions is None:
             return None
         return await self._sessions.after_upstream_rejection(principal)
+
+    async def wait_ended(self, principal: Principal) -> None:
+        """Return when ``principal`` stops standing: its session ended (on any replica), or
+        its Bearer token expired. For connections that outlive their request (WebSockets)."""
+        if principal.handle is not None and self._sessions is not None:
+            await self._sessions.wait_ended(principal.handle)
+            return
+        # A Bearer token cannot be revoked here (no introspection): it ends at its exp.
+        await asyncio.sleep(max(principal.expires_at - self._clock(), 0.0))

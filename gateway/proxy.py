@@ -9,6 +9,8 @@ once, when its method is idempotent or its route allows more, and its body was b
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from gateway.auth import Authenticator
@@ -57,7 +59,12 @@ class Proxy:
         if route.capture is not None and self._capture is not None:
             self._capture.prepare(request, headers)  # CSRF check; an unencoded reply
         if route.websocket and is_websocket_upgrade(request):
-            return await forward_websocket(request, route, self._upstream, headers, upstream_path)
+            ended = (
+                None if principal is None else functools.partial(self._auth.wait_ended, principal)
+            )
+            return await forward_websocket(
+                request, route, self._upstream, headers, upstream_path, ended
+            )
         body = await self._upstream.read_body(request, route)
         response = await self._upstream.open(request, route, headers, body, upstream_path)
         if route.capture is not None and self._capture is not None:

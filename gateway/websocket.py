@@ -1,14 +1,19 @@
 """WebSocket proxying for routes that allow it: after authentication, pump frames both ways.
 
 The upgrade is checked and the upstream connection opened before we answer the client's
-handshake, so an unreachable upstream is still a clean 502 JSON. Authentication happened
-before this module is called (``proxy``); header filtering is ``upstream``'s.
+handshake, so an unreachable upstream is still a clean 502 JSON. The socket lives only as
+long as its principal: when ``ended`` returns (the session ended on any replica, or the
+Bearer token expired) both sides are closed with 1008. Authentication, and knowing when
+it ends, is ``auth``'s (called by ``proxy``); header filtering is ``upstream``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +23,10 @@ from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.ingress import set_request_id_header
 from gateway.routing import Route
 from gateway.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+_ENDED = b"authentication ended"  # the close frame's reason: a session ended, a token expired
 
 # The handshake is re-done by aiohttp's client; these belong to the client's own handshake.
 _HANDSHAKE = (
@@ -43,6 +52,7 @@ async def forward_websocket(
     upstream: Upstream,
     headers: CIMultiDict[str],
     path: str,
+    ended: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> web.WebSocketResponse:
     scheme = "wss" if route.upstream.scheme == "https" else "ws"
     url = (
@@ -74,7 +84,15 @@ async def forward_websocket(
     set_request_id_header(client)
     try:
         await client.prepare(request)
-        await _pump_both(client, remote)
+        if await _pump_both(client, remote, ended):
+            # SECURITY: the principal no longer stands (logout, back-channel logout, expiry):
+            # no frame may pass on its credential. 1008 is "policy violation" (RFC 6455
+            # §7.4.1): the client should not reconnect with what it has.
+            code = aiohttp.WSCloseCode.POLICY_VIOLATION
+            log.info("websocket_closed", extra={"close_code": int(code), "reason": "ended"})
+            await asyncio.gather(
+                remote.close(code=code, message=_ENDED), client.close(code=code, message=_ENDED)
+            )
     finally:
         await remote.close()
         await client.close()
@@ -82,17 +100,34 @@ async def forward_websocket(
 
 
 async def _pump_both(
-    client: web.WebSocketResponse, remote: aiohttp.ClientWebSocketResponse
-) -> None:
-    to_remote = asyncio.create_task(_pump(client, remote))
-    to_client = asyncio.create_task(_pump(remote, client))
+    client: web.WebSocketResponse,
+    remote: aiohttp.ClientWebSocketResponse,
+    ended: Callable[[], Coroutine[Any, Any, None]] | None,
+) -> bool:
+    """Relay until either side closes (False) or ``ended`` returns (True)."""
+    tasks = [asyncio.create_task(_pump(client, remote)), asyncio.create_task(_pump(remote, client))]
+    pumps = tuple(tasks)
+    watch = None
+    if ended is not None:
+        watch = asyncio.create_task(ended(), name="websocket-principal-watch")
+        tasks.append(watch)
     try:
-        await asyncio.wait((to_remote, to_client), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (to_remote, to_client):
+        for task in tasks:
             task.cancel()
+        for task in pumps:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if watch is not None:
+            await asyncio.gather(watch, return_exceptions=True)  # its outcome is read below
+    if watch is None or watch not in done:
+        return False
+    error = watch.exception()
+    if error is not None:
+        # Its principal can no longer be vouched for: closed all the same, and said why.
+        log.error("websocket_watch_failed", exc_info=error)
+    return True
 
 
 async def _pump(

@@ -1,23 +1,46 @@
 """Session authentication for ``session`` routes: cookie, CSRF, load, fresh access token.
 
 Returns the same ``Principal`` a Bearer token would, carrying the session's access token,
-so ``upstream`` forwards both alike. The refresh itself is ``sessions.refresh``'s; where the
+so ``upstream`` forwards both alike, and tells a connection that outlives its request (a
+WebSocket) when its session ends. The refresh itself is ``sessions.refresh``'s; where the
 cookie's secret leads is ``sessions.cookie`` and ``sessions.crypto``'s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.errors import AuthenticationRequiredError, CsrfError, SessionExpiredError
+from gateway.errors import (
+    AuthenticationRequiredError,
+    CsrfError,
+    SessionExpiredError,
+    SessionStoreUnavailableError,
+)
 from gateway.principal import Principal
 from gateway.routing import Route
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.model import Session, SessionHandle, SessionStore
 from gateway.sessions.refresh import Refresher
 from gateway.settings import CsrfSettings
+
+log = logging.getLogger(__name__)
+
+# A watched session is loaded again this often while the store tells of its writes and ends
+# (``SessionStore.watch``): that catches what bypasses the feed (a key deleted by hand or
+# evicted, an idle expiry) and, being a load, keeps the session of an open WebSocket from
+# idling out (30 s is half the shortest idle timeout settings allow).
+_RECHECK_S = 30.0
+# Without that news (the feed down, local_cache_s 0, Cluster), this often: a logout reaches
+# an open WebSocket within 5 s at the cost of one Redis read per socket per 5 s.
+_POLL_S = 5.0
+_JITTER = 0.2  # ±20 %, so that sockets woken together do not poll together for ever
 
 
 def origin_of(url: str) -> str:
@@ -35,10 +58,14 @@ class SessionAuthenticator:
         public_url: str,
         *,
         principals_kept: int,
+        absolute_timeout_s: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._cookies = cookies
         self._store = store
         self._refresher = refresher
+        self._absolute_timeout_s = absolute_timeout_s
+        self._clock = clock
         self._csrf_header = csrf.header
         self._origin = origin_of(public_url)
         self._login_url = f"{public_url}/auth/login"
@@ -129,6 +156,32 @@ class SessionAuthenticator:
         if session.access_token == principal.access_token:
             return None
         return principal_of(principal.handle, session)
+
+    async def wait_ended(self, handle: SessionHandle) -> None:
+        """Return once the session has ended: logged out, ended by the IdP or a refused
+        refresh (on any replica), past its absolute timeout, or gone from the store.
+
+        A write (a refresh) wakes this too: the session is loaded again and, still there,
+        watched on. A store that cannot answer is asked again later: a logout needs that
+        store too, and the absolute timeout is kept by this process's clock meanwhile."""
+        ends_at = float("inf")
+        while True:
+            with self._store.watch(handle.storage_id) as watch:  # before the load: see model
+                try:
+                    session = await self._store.load(handle)
+                except SessionStoreUnavailableError:
+                    pass  # counted and logged by the store
+                else:
+                    if session is None:
+                        return
+                    ends_at = session.created_at + self._absolute_timeout_s
+                left_s = ends_at - self._clock()
+                if left_s <= 0:
+                    return
+                every_s = _RECHECK_S if watch.told else _POLL_S
+                # Not a secret, only a spread: random is the right tool.
+                every_s *= random.uniform(1 - _JITTER, 1 + _JITTER)  # noqa: S311
+                await asyncio.wait((watch.changed,), timeout=min(left_s, every_s))
 
 
 def principal_of(handle: SessionHandle, session: Session) -> Principal:

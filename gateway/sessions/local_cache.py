@@ -26,7 +26,9 @@ one each. A load under way is shared only until an invalidation of its session a
 requests after that start a new one, so sharing never shows what a copy could not.
 
 The same channel carries ``unlock:<storage id>`` when a refresh lock is released: it drops
-nothing, and wakes this process's request waiting for that lock (``lock_released``).
+nothing, and wakes this process's request waiting for that lock (``lock_released``). Every
+invalidation of a session also wakes whoever watches it (``session_changed``: a WebSocket
+that must end with its session), and so does the feed going down or coming back.
 What a session is and how it is stored is ``redis_store``'s business; this module only
 keeps copies.
 """
@@ -37,14 +39,14 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from gateway.metrics import Metrics
-from gateway.sessions.model import Session
+from gateway.sessions.model import Session, Waiters
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,10 @@ class LocalSessionCache:
         self._off = asyncio.Event()
         self._off.set()
         self._dropped = asyncio.Event()
-        # Refresh-lock waiters by storage id, woken by a release published on any replica.
-        self._lock_waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # Refresh-lock waiters by storage id, woken by a release published on any replica;
+        # session watchers, woken by a write or an end of their session.
+        self._lock_waiters = Waiters()
+        self._session_waiters = Waiters()
 
     @property
     def generation(self) -> int:
@@ -189,27 +193,29 @@ class LocalSessionCache:
         self._entries.pop(storage_id, None)
         self._loading.pop(storage_id, None)  # later callers must not join an older read
         self._dropped.set()
-        self._wake_lock_waiters(storage_id)  # a changed session: worth a look at its lock
+        self._lock_waiters.wake(storage_id)  # a changed session: worth a look at its lock
+        self._session_waiters.wake(storage_id)
 
-    @contextlib.contextmanager
-    def lock_released(self, storage_id: str) -> Iterator[asyncio.Future[None]]:
+    def lock_released(
+        self, storage_id: str
+    ) -> contextlib.AbstractContextManager[asyncio.Future[None]]:
         """A future done when a release of ``storage_id``'s refresh lock is published (see
         ``unlock_message``), when its session changes, or when the feed goes down. Enter it
         *before* looking at the lock, so that a release in between is not missed."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._lock_waiters.setdefault(storage_id, set())
-        waiters.add(waiter)
-        try:
-            yield waiter
-        finally:
-            waiters.discard(waiter)
-            if not waiters and self._lock_waiters.get(storage_id) is waiters:
-                del self._lock_waiters[storage_id]
+        return self._lock_waiters.waiting(storage_id)
 
-    def _wake_lock_waiters(self, storage_id: str) -> None:
-        for waiter in self._lock_waiters.get(storage_id, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+    def session_changed(
+        self, storage_id: str
+    ) -> contextlib.AbstractContextManager[asyncio.Future[None]]:
+        """A future done when a write or an end of ``storage_id``'s session is published
+        (by any replica, this one at once), or when the feed goes down or comes back (news
+        may have been lost). Enter it *before* loading the session."""
+        return self._session_waiters.waiting(storage_id)
+
+    @property
+    def watched(self) -> int:
+        """How many sessions are watched now (``session_changed``)."""
+        return len(self._session_waiters)
 
     async def publish(self, *storage_ids: str) -> None:
         """Tell every replica (this one included, at once) that these sessions changed."""
@@ -248,12 +254,12 @@ class LocalSessionCache:
                 await self._task
             self._task = None
 
-    def _wake_all_lock_waiters(self) -> None:
-        for storage_id in list(self._lock_waiters):
-            self._wake_lock_waiters(storage_id)
+    def _wake_all_waiters(self) -> None:
+        self._lock_waiters.wake_all()
+        self._session_waiters.wake_all()
 
     def _stop_serving(self) -> None:
-        self._wake_all_lock_waiters()  # no release will reach them now: they poll
+        self._wake_all_waiters()  # no news will reach them now: they poll
         self._serving = False
         self._heard_until = 0.0
         self._on.clear()
@@ -312,7 +318,7 @@ class LocalSessionCache:
             if kind == "message":
                 for word in bytes(message["data"]).decode().split():
                     if word.startswith(_UNLOCK):
-                        self._wake_lock_waiters(word[len(_UNLOCK) :])
+                        self._lock_waiters.wake(word[len(_UNLOCK) :])
                     else:
                         self.drop(word)
             elif kind == "pong":
@@ -328,7 +334,7 @@ class LocalSessionCache:
                 # between is lost, so every copy goes, and so do PINGs sent before.
                 self._entries.clear()
                 self.drop("")
-                self._wake_all_lock_waiters()  # a release may have been lost too
+                self._wake_all_waiters()  # a release or an end may have been lost too
                 beats.clear()
                 now = self._clock()
                 self._heard_until = now + _FRESH_S

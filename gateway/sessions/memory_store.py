@@ -1,20 +1,22 @@
 """The session store in this process's memory: one replica, the demo and tests.
 
 Same semantics as ``sessions.redis_store``: sealed blobs, sliding idle and absolute
-timeouts, compare-and-set, one-use login states, and a lock whose waiters wake on release.
-Expiry is checked on access against the injected clock, and expired entries are swept on
-writes (amortised), so no background task is needed. Nothing survives a restart.
+timeouts, compare-and-set, one-use login states, a lock whose waiters wake on release, and
+watchers told of a session's writes and end. Expiry is checked on access against the injected clock,
+and expired entries are swept on writes (amortised), so no background task is needed; a
+watcher learns of an expiry when it next loads. Nothing survives a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from gateway.sessions.crypto import digest, open_sealed, open_session, seal, seal_session, slot_aad
-from gateway.sessions.model import LoginState, Session, SessionHandle
+from gateway.sessions.model import LoginState, Session, SessionHandle, SessionWatch, Waiters
 from gateway.settings import SessionSettings
 
 _MIN_SWEEP_WRITES = 64
@@ -56,6 +58,7 @@ class MemorySessionStore:
         self._logins: dict[str, _Entry] = {}
         self._once: dict[str, float] = {}
         self._locks: dict[str, _Lock] = {}
+        self._watchers = Waiters()
         self._writes_since_sweep = 0
 
     def _expires_at(self, created_at: float, now: float) -> float:
@@ -72,6 +75,7 @@ class MemorySessionStore:
         stored = self._sessions.pop(storage_id, None)
         if stored is None:
             return False
+        self._watchers.wake(storage_id)
         _discard(self._by_subject, stored.subject, storage_id)
         if stored.idp_session_id:
             _discard(self._by_idp_session, stored.idp_session_id, storage_id)
@@ -129,6 +133,7 @@ class MemorySessionStore:
         stored.blob = seal_session(handle, session)
         stored.version += 1
         stored.expires_at = self._expires_at(stored.created_at, self._clock())
+        self._watchers.wake(handle.storage_id)  # as Redis publishes a write
         return replace(session, version=stored.version)
 
     async def delete(self, handle: SessionHandle) -> bool:
@@ -210,6 +215,18 @@ class MemorySessionStore:
             except TimeoutError:
                 if loop.time() >= deadline:
                     return
+
+    @contextmanager
+    def watch(self, storage_id: str) -> Iterator[SessionWatch]:
+        # One process: every write passes through ``save`` and every end through
+        # ``_drop_session``, so watchers are always told.
+        with self._watchers.waiting(storage_id) as ended:
+            yield SessionWatch(ended, told=True)
+
+    @property
+    def watched(self) -> int:
+        """How many sessions are watched now: none once every watcher has left."""
+        return len(self._watchers)
 
     async def ping(self) -> bool:
         return True

@@ -4,12 +4,17 @@ A ``SessionHandle`` is what the cookie proves: a storage id (a hash of the cooki
 safe to store) and the per-session encryption key (never stored). Stores persist ``Session``
 values encrypted under that key; how, and with which TTLs, is each backend's business
 (``sessions.redis_store``, ``sessions.memory_store``). The cookie itself is ``sessions.cookie``'s.
+``Waiters`` is the stores' one way of waking whoever waits on a session (its refresh lock,
+its end).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -98,6 +103,44 @@ class LoginState:
         return cls(**json.loads(raw))
 
 
+@dataclass(frozen=True, slots=True)
+class SessionWatch:
+    """What ``SessionStore.watch`` hands out while a session is watched."""
+
+    # Done when the session may have been written or ended, on any replica (or the news of
+    # it may have been lost): load it to know which. Never done while ``told`` is False.
+    changed: asyncio.Future[None]
+    told: bool  # False: the store cannot tell now (no invalidation feed), so poll
+
+
+class Waiters(dict[str, set[asyncio.Future[None]]]):
+    """Futures by storage id, each done at the next ``wake`` of its id (or ``wake_all``).
+
+    An id is a key only while someone waits on it (``waiting``), so a connection that
+    watches its session for hours leaves nothing behind when it goes."""
+
+    @contextlib.contextmanager
+    def waiting(self, storage_id: str) -> Iterator[asyncio.Future[None]]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self.setdefault(storage_id, set())
+        waiters.add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiters.discard(waiter)
+            if not waiters and self.get(storage_id) is waiters:
+                del self[storage_id]
+
+    def wake(self, storage_id: str) -> None:
+        for waiter in self.get(storage_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def wake_all(self) -> None:
+        for storage_id in list(self):
+            self.wake(storage_id)
+
+
 class SessionStore(Protocol):
     """Every backend: Redis for production, memory for one replica and the demo.
 
@@ -146,6 +189,15 @@ class SessionStore(Protocol):
 
     async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
         """Return once the lock is released (or has expired), or after ``timeout_s``."""
+
+    def watch(self, storage_id: str) -> AbstractContextManager[SessionWatch]:
+        """Be told when the session may have ended, for as long as the context lasts.
+
+        ``changed`` is done at a write or an end of the session on any replica, or when
+        such news may have been lost (the invalidation feed broke or came back); the
+        watcher then loads the session to see whether it still exists. Enter the context
+        *before* that load, so that an end in between is not missed. When ``told`` is
+        False (no feed now) nothing will come, and the watcher polls."""
 
     async def ping(self) -> bool:
         """True when the backend answers (readiness)."""

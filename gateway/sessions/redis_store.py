@@ -50,7 +50,7 @@ from gateway.sessions.crypto import (
     slot_aad,
 )
 from gateway.sessions.local_cache import LocalSessionCache, unlock_message
-from gateway.sessions.model import LoginState, Session, SessionHandle
+from gateway.sessions.model import LoginState, Session, SessionHandle, SessionWatch
 from gateway.settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -488,6 +488,18 @@ class RedisSessionStore:
                 else:
                     await asyncio.sleep(min(delay_s, remaining_s))
                     delay_s = min(delay_s * 2, _POLL_MAX_S)
+
+    @contextmanager
+    def watch(self, storage_id: str) -> Iterator[SessionWatch]:
+        # Every write and end is published (_COMPARE_AND_SET, _DELETE) and reaches the local
+        # cache's subscription, while it is confirmed. Without it (local_cache_s 0, Cluster,
+        # the feed down) nothing tells: the watcher polls.
+        cache = self._cache
+        if cache is None or not cache.serving:
+            yield SessionWatch(asyncio.get_running_loop().create_future(), told=False)
+            return
+        with cache.session_changed(storage_id) as changed:
+            yield SessionWatch(changed, told=True)
 
     async def ping(self) -> bool:
         """True when Redis answers; False, never an exception, when it does not."""

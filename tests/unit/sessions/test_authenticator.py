@@ -75,6 +75,7 @@ def parts() -> Parts:
         CsrfSettings(),
         "https://app.example",
         principals_kept=2,
+        absolute_timeout_s=SETTINGS.absolute_timeout_s,
     )
     return store, authenticator
 

@@ -196,6 +196,19 @@ async def test_a_lock_waiter_wakes_for_its_session_or_the_feed_going_down() -> N
     assert cache._lock_waiters == {}
 
 
+async def test_a_session_watcher_wakes_for_its_session_or_the_feed_going_down() -> None:
+    cache = serving_cache(Clock())
+    with cache.session_changed("id") as changed:
+        cache.drop("other")
+        assert not changed.done()
+        cache.drop("id")  # written or ended, on some replica: the watcher looks
+        assert changed.done()
+    with cache.session_changed("id") as changed:
+        cache._stop_serving()  # no end can reach it any more: it must poll
+        assert changed.done()
+    assert cache.watched == 0
+
+
 class FeedEnded(Exception):
     """The scripted feed has nothing more to say."""
 
@@ -333,3 +346,21 @@ async def test_a_cancellation_swallowed_by_redis_py_still_stops_the_listener() -
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(1.0):  # it kept reading, cancelled, until shutdown hung
             await listener
+
+
+def published(text: str) -> Step:
+    return lambda feed: {"type": "message", "channel": b"ch", "data": text.encode()}
+
+
+async def test_a_session_watcher_wakes_for_a_published_write_or_end_never_for_an_unlock() -> None:
+    cache = serving_cache(Clock())
+    with cache.session_changed("id") as changed:
+        await follow(cache, ScriptedFeed([published("unlock:id other")]))
+        assert not changed.done()  # a released refresh lock says nothing of the session
+        await follow(cache, ScriptedFeed([published("other id")]))
+        assert changed.done()
+    with cache.session_changed("id") as changed:
+        # Subscribed again (redis-py reconnected): an end published meanwhile is lost.
+        await follow(cache, ScriptedFeed([subscribed]))
+        assert changed.done()
+    assert cache.watched == 0
