@@ -3,6 +3,36 @@ whose JSON reply carries tokens. On a route with ``capture_tokens`` the reply's 
 become a new server-side session and the browser gets the reply without them, plus the
 session cookie.
 
+SECURITY: capture fails closed. The browser never gets the upstream's bytes, only our own
+serialization of the reply's JSON object, filtered (an empty body stays empty). A body that
+is not one JSON object read strictly (an XSSI prefix ``)]}'``, NDJSON, HTML, a form,
+``NaN``, nesting deeper than 64), or that comes under a content-coding other than
+``identity`` or a transfer-coding other than plain ``chunked`` (``gzip, chunked``), is a
+502 ``upstream_unavailable`` with a fixed description: the login API answered, but with
+nothing we can make safe (RFC 9110 §15.6.3: an invalid response from behind a gateway).
+
+``strip_tokens`` drops, at any depth:
+
+- members named like a token (the name, ignoring case, ``_`` and ``-``, contains
+  ``accesstoken``, ``refreshtoken`` or ``idtoken``) and the values at the configured token
+  paths. Every string at or under them is a *known* token (this reply's access, refresh
+  and ID tokens);
+- every member whose name or value, and every array element that, holds a known token or
+  any JWT (base64url segments joined by dots, the first a JSON object), whole or inside a
+  longer string (``"Bearer <AT>"``, ``"refresh=<RT>"``). The member or element goes, not
+  just the token: nothing of such a string survives, and the rest keeps its shape;
+- when the reply starts no session (a failed login: not 2xx, a success flag that says no,
+  no access token), no token is known for sure, so also every string holding an opaque
+  token's shape: a run of 20 or more RFC 6750 §2.1 b64token characters (letters, digits,
+  ``-._~+/``) with a letter and a digit. Error codes and messages pass
+  (``INVALID_CREDENTIALS``, ``Invalid username or password``); UUIDs and hashes do not.
+
+Headers go by the same test, as do Set-Cookie for our cookies and for cookies or headers
+named like a token. ``claims_paths`` keep only scalars (string, number, boolean) the test
+passes, and the subject must pass it too: ``/auth/session`` shows them. Not caught: a token
+the upstream transforms (encodes, splits), and in a successful reply an opaque token under
+another name that is none of this reply's known tokens.
+
 Sessions made here have no OIDC login behind them. Without ``oidc.issuer`` (or
 ``oidc.jwks_uri``) tokengate cannot verify the tokens: the access token is treated as
 opaque and trusted as the system behind the route issued it, over the route's connection;
@@ -15,7 +45,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -24,11 +55,16 @@ from multidict import CIMultiDict
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.idp.json_paths import (
     MAX_JSON_REPLY_BYTES,
-    parse_json_reply,
+    holds_jwt,
+    holds_opaque_token,
+    members_in,
+    parse_json_object,
     parse_path,
     read_limited,
     remove_members,
     remove_path,
+    remove_scalars,
+    strings_in,
 )
 from gateway.idp.tokens import parse_expiry, parse_unverified_claims
 from gateway.metrics import Metrics
@@ -43,46 +79,108 @@ from gateway.upstream import HOP_BY_HOP, UpstreamReply, connection_tokens, heade
 
 log = logging.getLogger(__name__)
 
-# SECURITY: members removed from every reply of a capture route, at any depth, besides the
-# configured paths: the browser must never see a token, even one we were not told about.
-_TOKEN_NAMES = frozenset({"accesstoken", "refreshtoken", "idtoken"})
-_DROP = HOP_BY_HOP | {"content-length"}
-# Describe the upstream's bytes; once tokens are cut out they describe nothing we send.
-_DROP_WHEN_REWRITTEN = frozenset(
-    {"content-type", "etag", "content-md5", "digest", "content-digest", "repr-digest"}
-)
+# SECURITY: names removed from every reply of a capture route besides the configured paths:
+# the browser must never see a token, even one we were not told about.
+_TOKEN_NAMES = ("accesstoken", "refreshtoken", "idtoken")
+# The body is always ours; these describe the upstream's bytes, or what it may not set.
+_DROP = HOP_BY_HOP | {
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "content-md5",
+    "etag",
+    "digest",
+    "content-digest",
+    "repr-digest",
+}
 _NO_BODY_STATUSES = frozenset({204, 304})
+_UNREADABLE = "the login reply is not a JSON object that can be relayed safely"
 
 
 def _normalised(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
 
 
-def strip_tokens(data: Any, paths: JsonResponsePaths, tokens: frozenset[str]) -> tuple[Any, bool]:
-    """``data`` without its token members: the configured paths, any member named like a
-    token, and any member whose value is one of ``tokens``. Pure."""
-    removed = False
+def _token_named(name: str) -> bool:
+    folded = _normalised(name)
+    return any(token_name in folded for token_name in _TOKEN_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFilter:
+    """What of one capture reply must not reach the browser: ``known`` tokens and JWTs
+    anywhere in a string, and with ``opaque`` (the login failed) opaque-token-like runs."""
+
+    known: frozenset[str]
+    opaque: bool
+
+    def holds_token(self, value: Any) -> bool:
+        """For a member name, a JSON scalar or a header value. Pure."""
+        if isinstance(value, bool) or value is None:
+            return False
+        text = value if isinstance(value, str) else json.dumps(value)  # a number's digits
+        return (
+            any(token in text for token in self.known)
+            or holds_jwt(text)
+            or (self.opaque and holds_opaque_token(text))
+        )
+
+
+def parse_known_tokens(reply: Any, paths: JsonResponsePaths) -> frozenset[str]:
+    """Every non-empty string at or under a configured token path or a member named like a
+    token, at any depth: the reply's tokens, whatever else it says. Pure."""
+    found: set[str] = set()
     for path in (paths.access_token, paths.refresh_token):
         if path is not None:
-            data, cut = remove_path(data, path)
-            removed = removed or cut
-    data, cut = remove_members(
-        data,
-        lambda name, value: (
-            _normalised(name) in _TOKEN_NAMES or (isinstance(value, str) and value in tokens)
-        ),
-    )
-    return data, removed or cut
+            found.update(strings_in(parse_path(reply, path)))
+    for name, value in members_in(reply):
+        if _token_named(name):
+            found.update(strings_in(value))
+    found.discard("")
+    return frozenset(found)
 
 
-def parse_subject(reply: Any, settings: CaptureSettings, claims: dict[str, Any]) -> str:
-    """The subject: the reply's ``subject_path``, else the JWT's ``sub``, else "unknown"."""
+def strip_tokens(
+    reply: dict[str, Any], paths: JsonResponsePaths, tokens: TokenFilter
+) -> dict[str, Any]:
+    """``reply`` without its token members (the configured paths, any member named like a
+    token) and without every member or element ``tokens`` finds a token in. Pure."""
+    data: Any = reply
+    for path in (paths.access_token, paths.refresh_token):
+        if path is not None:
+            data, _ = remove_path(data, path)
+    data, _ = remove_members(data, lambda name, _: _token_named(name))
+    stripped: dict[str, Any] = remove_scalars(data, tokens.holds_token)
+    return stripped
+
+
+def parse_claims(
+    reply: Any, claims_paths: Mapping[str, str], tokens: TokenFilter
+) -> dict[str, Any]:
+    """The claims at ``claims_paths``: strings, numbers and booleans that hold no token.
+    SECURITY: ``/auth/session`` shows them; a list, an object or null is not kept. Pure."""
+    claims: dict[str, Any] = {}
+    for name, path in claims_paths.items():
+        value = parse_path(reply, path)
+        if isinstance(value, str | int | float) and not tokens.holds_token(value):
+            claims[name] = value
+    return claims
+
+
+def parse_subject(
+    reply: Any, settings: CaptureSettings, claims: Mapping[str, Any], tokens: TokenFilter
+) -> str:
+    """The subject: the reply's ``subject_path``, else the JWT's ``sub``, else "unknown";
+    never one holding a token (``/auth/session`` shows it). Pure."""
     if settings.subject_path is not None:
         value = parse_path(reply, settings.subject_path)
-        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
-            return str(value)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            subject = str(value)
+            if subject and not tokens.holds_token(subject):
+                return subject
     sub = claims.get("sub")
-    return sub if isinstance(sub, str) and sub else "unknown"
+    return sub if isinstance(sub, str) and sub and not tokens.holds_token(sub) else "unknown"
 
 
 class TokenCapture:
@@ -120,30 +218,34 @@ class TokenCapture:
         upstream_response: UpstreamReply,
         settings: CaptureSettings,
     ) -> web.StreamResponse:
-        """The upstream's reply for the browser: tokens out, a session cookie in when the
-        reply was a successful login; otherwise the reply as it came."""
+        """The upstream's reply for the browser, rebuilt from its JSON object without its
+        tokens; a session cookie in when the reply was a successful login."""
         upstream = upstream_response
+        refused = _refused_coding(upstream.headers)
+        if refused is not None:
+            upstream.close()
+            raise _unreadable(route, refused)
         if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
             upstream.release()
             raw = b""
         else:
-            raw = await self._read(upstream)
-        reply = parse_json_reply(raw) if raw else None
-        session = None if reply is None else self._session_of(upstream.status, reply, settings)
-        known: frozenset[str] = frozenset()
-        if session is not None:
-            known = frozenset(t for t in (session.access_token, session.refresh_token) if t)
-        headers = self._headers(upstream, known)
-        body = raw
+            raw = await self._read(upstream, route)
+        reply = parse_json_object(raw) if raw else None
+        if raw and reply is None:
+            raise _unreadable(route, "not_a_json_object")
+        known = frozenset() if reply is None else parse_known_tokens(reply, settings.response)
+        session = None
         if reply is not None:
-            stripped, removed = strip_tokens(reply, settings.response, known)
-            if removed:
-                body = json.dumps(stripped, separators=(",", ":")).encode()
-                for name in _DROP_WHEN_REWRITTEN:
-                    headers.popall(name, None)
-                headers["Content-Type"] = "application/json; charset=utf-8"
+            session = self._session_of(upstream.status, reply, settings, known)
+        tokens = TokenFilter(known, opaque=session is None)
+        headers = self._headers(upstream, tokens)
+        body = None
+        if reply is not None:
+            stripped = strip_tokens(reply, settings.response, tokens)
+            body = json.dumps(stripped, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json; charset=utf-8"
         response = web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=body or None
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )
         response.headers["Cache-Control"] = "no-store"
         if session is not None:
@@ -151,13 +253,7 @@ class TokenCapture:
             log.info("login", extra={"result": "success", "via": "capture", "route": route.name})
         return response
 
-    async def _read(self, upstream: UpstreamReply) -> bytes:
-        encodings = header_values(upstream.headers, "content-encoding")
-        if any(e.strip().lower() != "identity" for e in encodings):
-            # SECURITY: we asked for identity; an encoded reply could carry tokens we
-            # cannot see, so it does not reach the browser.
-            upstream.close()
-            raise UpstreamUnavailableError("the login reply is encoded; it cannot be read")
+    async def _read(self, upstream: UpstreamReply, route: Route) -> bytes:
         try:
             raw = await read_limited(upstream.iter_chunks(), MAX_JSON_REPLY_BYTES)
         except TimeoutError as exc:
@@ -166,10 +262,10 @@ class TokenCapture:
             raise UpstreamUnavailableError() from exc
         if raw is None:
             upstream.close()  # the rest is unread
-            raise UpstreamUnavailableError("the login reply is too large")
+            raise _unreadable(route, "too_large")
         return raw
 
-    def _headers(self, upstream: UpstreamReply, tokens: frozenset[str]) -> CIMultiDict[str]:
+    def _headers(self, upstream: UpstreamReply, tokens: TokenFilter) -> CIMultiDict[str]:
         drop = _DROP | connection_tokens(header_values(upstream.headers, "connection"))
         return CIMultiDict(
             (name, value)
@@ -177,17 +273,20 @@ class TokenCapture:
             if name.lower() not in drop
             and not (name.lower() == "set-cookie" and self._forbidden_cookie(value))
             # SECURITY: a token echoed in a header (X-Access-Token) is a token all the same.
-            and not any(token in value for token in tokens)
+            and not _token_named(name)
+            and not tokens.holds_token(value)
         )
 
     def _forbidden_cookie(self, set_cookie: str) -> bool:
         """An upstream must not plant our cookies (fixation) nor hand the browser a token
         as a cookie of its own (``refreshToken=...``)."""
-        if self._guard.plants(set_cookie):
-            return True
-        return _normalised(parse_set_cookie_name(set_cookie) or "") in _TOKEN_NAMES
+        return self._guard.plants(set_cookie) or _token_named(
+            parse_set_cookie_name(set_cookie) or ""
+        )
 
-    def _session_of(self, status: int, reply: Any, settings: CaptureSettings) -> Session | None:
+    def _session_of(
+        self, status: int, reply: Any, settings: CaptureSettings, known: frozenset[str]
+    ) -> Session | None:
         """The session a successful login reply starts, or None."""
         paths = settings.response
         if not 200 <= status < 300:
@@ -203,14 +302,9 @@ class TokenCapture:
         expires_in = parse_path(reply, paths.expires_in) if paths.expires_in else None
         now = self._clock()
         jwt_claims = dict(parse_unverified_claims(access_token))
-        subject = parse_subject(reply, settings, jwt_claims)
-        tokens = {access_token, refresh_token}
-        claims: dict[str, Any] = {"sub": subject}
-        for name, path in settings.claims_paths.items():
-            value = parse_path(reply, path)
-            # SECURITY: /auth/session shows the claims to the browser: never a token.
-            if value is not None and not (isinstance(value, str) and value in tokens):
-                claims[name] = value
+        tokens = TokenFilter(known, opaque=False)
+        subject = parse_subject(reply, settings, jwt_claims, tokens)
+        claims = {"sub": subject, **parse_claims(reply, settings.claims_paths, tokens)}
         return Session(
             subject=subject,
             access_token=access_token,
@@ -233,3 +327,30 @@ class TokenCapture:
         await self._store.create(derive_handle(secret), session)
         self._metrics.sessions_created_total.inc()
         self._cookies.set_session(response, secret)
+
+
+def _refused_coding(headers: list[tuple[str, str]]) -> str | None:
+    """Why a reply's codings keep it from being read, or None. SECURITY: we asked for
+    ``identity``; under any other coding (``gzip``, or ``gzip, chunked``, whose chunks
+    both clients hand over still compressed) tokens would pass unseen."""
+    content = _codings(headers, "content-encoding")
+    if any(coding != "identity" for coding in content):
+        return "content_encoding"
+    if _codings(headers, "transfer-encoding") not in ([], ["chunked"]):
+        return "transfer_encoding"
+    return None
+
+
+def _codings(headers: list[tuple[str, str]], name: str) -> list[str]:
+    # Every line of the field, each a comma-separated list; empty elements are no coding
+    # (RFC 9110 §5.6.1).
+    values = header_values(headers, name)
+    codings = (coding.strip().lower() for value in values for coding in value.split(","))
+    return [coding for coding in codings if coding]
+
+
+def _unreadable(route: Route, reason: str) -> UpstreamUnavailableError:
+    log.warning("capture_refused", extra={"route": route.name, "reason": reason})
+    if reason == "too_large":
+        return UpstreamUnavailableError("the login reply is too large")
+    return UpstreamUnavailableError(_UNREADABLE)

@@ -23,9 +23,8 @@ from gateway.idp.json_dialect import JsonDialect, fill_template
 from gateway.idp.json_paths import MISSING, parse_path, remove_members, remove_path, split_path
 from gateway.idp.tokens import IdpUnavailable, RefreshRejected
 from gateway.metrics import Metrics
-from gateway.sessions.capture import strip_tokens
 from gateway.sessions.model import Session
-from gateway.settings import JsonDialectSettings, JsonResponsePaths
+from gateway.settings import JsonDialectSettings
 
 NOW = 1_700_000_000.0
 VALUES = {"refresh_token": "r-1", "access_token": "a-1", "client_id": "spa", "scope": "api"}
@@ -97,28 +96,6 @@ def test_remove_members_drops_matching_members_at_any_depth() -> None:
     assert stripped == {"a": 1, "list": [{"b": 2}], "obj": {"c": 3}}
     assert reply["token"] == "x"
     assert remove_members(reply, lambda *_: False) == (reply, False)
-
-
-def test_capture_strips_configured_paths_token_names_and_token_values() -> None:
-    reply = {
-        "isSuccess": True,
-        "data": {
-            "accessToken": "a",
-            "refreshToken": "r",
-            "id_token": "i",
-            "nested": [{"ID-Token": "i2", "keep": 1}],
-            "jwt": "a",  # the access token again, under a name nobody configured
-            "user": {"name": "Alice"},
-        },
-    }
-    paths = JsonResponsePaths(access_token="data.accessToken", refresh_token="data.refreshToken")
-    stripped, removed = strip_tokens(reply, paths, frozenset({"a", "r"}))
-    assert removed
-    assert stripped == {
-        "isSuccess": True,
-        "data": {"nested": [{"keep": 1}], "user": {"name": "Alice"}},
-    }
-    assert strip_tokens({"ok": 1}, paths, frozenset()) == ({"ok": 1}, False)
 
 
 @dataclass
