@@ -90,7 +90,7 @@ def tokenidp_config(api_url: str, upstream_url: str) -> dict[str, Any]:
                 "auth": "none",
                 "capture_tokens": {
                     "response": TOKENIDP_PATHS,
-                    "claims_paths": {"name": "data.user.name", "roles": "data.user.roles"},
+                    "claims_paths": {"name": "data.user.name"},
                 },
             },
             {"prefix": "/api", "upstream": upstream_url, "auth": "session_or_bearer"},
