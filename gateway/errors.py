@@ -14,6 +14,7 @@ enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches 
     ├── CsrfError                            403 csrf
     ├── NotFoundError                        404 not_found
     ├── MethodNotAllowedError                405 method_not_allowed
+    ├── RequestTimeoutError                  408 request_timeout     (Connection: close)
     ├── PayloadTooLargeError                 413 payload_too_large
     ├── URITooLongError                      414 uri_too_long
     ├── HeadersTooLargeError                 431 request_header_fields_too_large
@@ -144,6 +145,20 @@ class MethodNotAllowedError(GatewayError):
     status = 405
     code = "method_not_allowed"
     default_description = "method not allowed"
+
+
+class RequestTimeoutError(GatewayError):
+    """The client did not send its request in time: a whole head within
+    ``limits.client_header_timeout_s``, or a byte of its body within
+    ``limits.client_body_timeout_s``. The connection is read no further: RFC 9110 §15.5.9
+    asks for ``close``."""
+
+    status = 408
+    code = "request_timeout"
+    default_description = "the request was not received in time"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class PayloadTooLargeError(GatewayError):

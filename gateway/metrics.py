@@ -54,6 +54,23 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self.client_timeouts_total = Counter(
+            "tokengate_client_timeouts_total",
+            "Client connections closed for a timeout, by kind: head, body, send, keepalive.",
+            ("kind",),
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "tokengate_open_connections",
+            "Client connections open on the public port.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_refused_total = Counter(
+            "tokengate_connections_refused_total",
+            "Client connections closed on arrival: limits.max_connections were open.",
+            registry=r,
+        )
         self.upstream_request_duration_seconds = Histogram(
             "tokengate_upstream_request_duration_seconds",
             "Time the upstream took to answer with headers, by route name.",
@@ -148,6 +165,13 @@ class Metrics:
         no route. No latency is observed: no handler ran, and the head's start is unknown."""
         self.child(self.http_parse_errors_total, reason).inc()
         self.child(self.http_requests_total, "-", "other", str(status)).inc()
+
+    def observe_client_timeout(self, kind: str, status: int | None) -> None:
+        """Count a connection timed out in one phase (``kind``); one that was answered (a 408
+        to a head) is also an answered request of no route, as a refused head is."""
+        self.child(self.client_timeouts_total, kind).inc()
+        if status is not None:
+            self.child(self.http_requests_total, "-", "other", str(status)).inc()
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or every worker's in multiprocess."""

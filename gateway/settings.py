@@ -123,6 +123,17 @@ class LimitsSettings(Section):
     max_headers: int = Field(100, ge=8)
     shutdown_delay_s: float = Field(5.0, ge=0)  # not-ready before we stop accepting
     shutdown_grace_s: float = Field(20.0, ge=0)  # in-flight requests may finish within this
+    # SECURITY: slow clients (slowloris, slow POST, slow read). nginx's defaults and names:
+    # a whole head within this, from the connection's start or the next head's first byte;
+    client_header_timeout_s: float = Field(60.0, gt=0)
+    # idle between requests; above the load balancer's own idle timeout (ALB's is 60 s);
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    # a request body with no byte for this long is 408 (abort once a response has started);
+    client_body_timeout_s: float = Field(60.0, gt=0)
+    # a write to a client that makes no progress for this long aborts the connection;
+    send_timeout_s: float = Field(60.0, gt=0)
+    # open client connections per worker on the public port; more are closed on arrival.
+    max_connections: int = Field(4096, ge=1)
 
 
 class OidcSettings(Section):

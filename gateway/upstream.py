@@ -12,6 +12,12 @@ twice the throughput of aiohttp's client); ``https://`` upstreams, and every ups
 ``UpstreamReply``; their errors become ``UpstreamUnavailableError`` /
 ``UpstreamTimeoutError`` here, at the boundary. Who the principal is, is ``auth``'s job;
 WebSockets are ``websocket``'s.
+
+Slow clients hold no upstream connection they can avoid: request bodies up to 64 KiB
+(chunked ones too) are read before the upstream is asked, responses up to 64 KiB are read
+whole before the client is written to, and a relay whose client reads nothing gives its
+connection up when another request needs it (``gateway.http1.pool``). Their timeouts are
+``http_server``'s.
 """
 
 from __future__ import annotations
@@ -237,12 +243,27 @@ class Upstream:
             return RequestBody(None)
         limit = self._max_body_bytes if route.max_body_bytes is None else route.max_body_bytes
         length = request.content_length
+        content = request.content
         if length is not None:
             if length > limit:
                 raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
             if length <= _BUFFER_LIMIT_BYTES:
-                return RequestBody(await request.content.readexactly(length))
-        return RequestBody(_stream_limited(request.content, limit))
+                return RequestBody(await content.readexactly(length))
+            return RequestBody(_stream_limited(content, limit))
+        # Chunked: its first 64 KiB are read before the upstream is asked, as a body with a
+        # length is. One that ends within them goes whole, so a client trickling a small
+        # upload holds no upstream connection meanwhile (nginx buffers every body).
+        parts: list[bytes] = []
+        received = 0
+        while received <= _BUFFER_LIMIT_BYTES:
+            chunk = await content.readany()
+            if not chunk:
+                return RequestBody(b"".join(parts))
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
+            parts.append(chunk)
+        return RequestBody(_stream_limited(content, limit, b"".join(parts)))
 
     def build_headers(
         self, request: web.Request, route: Route, principal: Principal | None
@@ -457,11 +478,15 @@ class Upstream:
                     await response.write(chunk)
             await response.write_eof()
         except (OSError, GatewayError) as exc:
-            # Headers are gone: the only honest signal left is a broken connection.
             upstream.close()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The client is gone, or timed out (``http_server`` says which): the rest of
+                # the body goes with its upstream connection, and there is no one to tell.
+                return response
+            # Headers are gone: the only honest signal left is a broken connection.
             log.warning("upstream_stream_aborted", extra={"error_type": type(exc).__name__})
-            if request.transport is not None:
-                request.transport.abort()
+            transport.abort()
         except BaseException:
             upstream.close()  # the client went away (cancelled): the rest is unread
             raise
@@ -488,8 +513,14 @@ def _dropped_names(identity: frozenset[str], *, trusted: bool) -> _DroppedNames:
     return drop, _CLAIMED | folded
 
 
-async def _stream_limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    received = 0
+async def _stream_limited(
+    content: aiohttp.StreamReader, limit: int, read: bytes = b""
+) -> AsyncIterator[bytes]:
+    """The body as it arrives, after the part already ``read``; 413 past ``limit``. A client
+    that stalls meets ``http_server``'s body timeout."""
+    received = len(read)
+    if read:
+        yield read
     async for chunk in content.iter_any():
         received += len(chunk)
         if received > limit:

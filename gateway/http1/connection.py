@@ -77,6 +77,7 @@ class Http1Connection(asyncio.Protocol):
         "_reading_paused",
         "_reason",
         "_request_sent",
+        "_stalled_since",
         "_status",
         "_transport",
         "_waiter",
@@ -132,6 +133,7 @@ class Http1Connection(asyncio.Protocol):
         self._body: deque[bytes] = deque()
         self._buffered_bytes = 0
         self._reading_paused = False
+        self._stalled_since = 0.0
         self._exc: BaseException | None = None
 
     # -- what the pool and the response read --------------------------------------------
@@ -150,6 +152,12 @@ class Http1Connection(asyncio.Protocol):
             and self._exc is None
             and not self.closed
         )
+
+    @property
+    def stalled_since(self) -> float | None:
+        """Since when the socket has not been read because this exchange's reader left the
+        high-water mark unread (a relay whose client takes nothing), or ``None``."""
+        return self._stalled_since if self._reading_paused and self._active else None
 
     @property
     def head(self) -> tuple[int, str, list[tuple[str, str]], int | None]:
@@ -450,6 +458,7 @@ class Http1Connection(asyncio.Protocol):
         self._buffered_bytes += len(body)
         if self._buffered_bytes > _HIGH_WATER_BYTES and not self._reading_paused:
             self._reading_paused = True
+            self._stalled_since = self._loop.time()
             if self._transport is not None:
                 self._transport.pause_reading()
         self._wake()

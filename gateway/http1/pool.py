@@ -3,11 +3,25 @@
 ``Http1Pool.request`` sends one request and returns its ``Http1Response`` once the final
 head has arrived. Framing is ``connection``'s job, serialisation ``wire``'s; mapping errors
 to HTTP statuses is the caller's (``TimeoutError`` → 504, any other ``OSError`` → 502).
+
+A client that stops reading a streamed response stalls its relay, and the relay stops
+reading the upstream connection (``connection``'s high-water mark): that connection is
+lent out, doing nothing, until the client's send timeout. When a request waits for a
+connection to a host at its limit, the connection of that host stalled longest, for at
+least ``reclaim_stalled_after_s``, is closed and its slot given to the request; the stalled
+relay then fails and resets its client, whose response is cut. Why this way: nginx buffers
+responses (to disk, up to 1 GiB) and frees the upstream at once, but buffering in memory
+costs a stalled client as much as its response, which a flood of them multiplies; letting
+waiters open connections beyond the limit breaks the promise the limit makes to the
+upstream, whose own workers the stalled connections still occupy. Reclaiming costs
+nothing per request (the time is taken when reading pauses) and only clients that have
+read nothing for seconds, only when others need their connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -16,8 +30,15 @@ from gateway.http1.errors import PoolClosedError, ServerDisconnectedError
 from gateway.http1.response import Http1Response
 from gateway.http1.wire import Body, build_authority, build_head
 
+log = logging.getLogger(__name__)
+
 # A bytes body up to this size goes out in the same write as the head: one segment.
 _COALESCE_BYTES = 16 * 1024
+# A relay that has read nothing for this long, because its client takes nothing, gives its
+# connection to a request waiting for one. Its client's last 48 KiB (the high-water mark
+# down to the low one) then took this long: below 24 KiB/s, where a download is dead or a
+# slow read on purpose. Short, because the waiting request's connect_timeout_s runs.
+_RECLAIM_STALLED_AFTER_S = 2.0
 
 
 class _Host:
@@ -35,13 +56,21 @@ class _Host:
 class Http1Pool:
     """Owns every upstream connection it opens; ``aclose()`` closes them all."""
 
-    def __init__(self, *, limit_per_host: int = 100, idle_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        *,
+        limit_per_host: int = 100,
+        idle_timeout_s: float = 15.0,
+        reclaim_stalled_after_s: float = _RECLAIM_STALLED_AFTER_S,
+    ) -> None:
         if limit_per_host < 1:
             raise ValueError("limit_per_host must be at least 1")
         self._limit = limit_per_host
         self._idle_timeout_s = idle_timeout_s
+        self._reclaim_after_s = reclaim_stalled_after_s
         self._hosts: dict[tuple[str, int], _Host] = {}
         self._conns: set[Http1Connection] = set()
+        self._reclaimed: set[Http1Connection] = set()  # closed by us, still lent out
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -109,6 +138,9 @@ class Http1Pool:
             return Http1Response(self, conn, read_timeout_s)
 
     def release_connection(self, conn: Http1Connection, *, discard: bool) -> None:
+        if self._reclaimed and conn in self._reclaimed:
+            self._reclaimed.discard(conn)  # its slot went to a waiting request already
+            return
         entry = self._hosts[conn.key]
         if not discard and not self._closed and conn.reusable:
             conn.finish()  # idle: from now on any byte from the upstream closes it
@@ -189,7 +221,10 @@ class Http1Pool:
                     entry.busy -= 1
                     self._wake_one(entry)
                     raise
-            await self._wait_for_slot(loop, entry, deadline)
+            recheck_at = self._reclaim_stalled(entry, now)
+            if recheck_at is None:
+                continue  # a slot is free now
+            await self._wait_for_slot(loop, entry, deadline, recheck_at)
             now = loop.time()
 
     async def _connect(
@@ -206,15 +241,48 @@ class Http1Pool:
             raise PoolClosedError("the pool is closed")
         return conn
 
+    def _reclaim_stalled(self, entry: _Host, now: float) -> float | None:
+        """Close the connection of ``entry`` stalled longest, if long enough, and free its
+        slot (``None``); else when to look again."""
+        stalled: Http1Connection | None = None
+        since = now
+        for conn in self._conns:
+            conn_since = conn.stalled_since
+            if (
+                conn_since is not None
+                and conn_since < since
+                and conn.key == entry.key
+                and conn not in self._reclaimed
+            ):
+                stalled, since = conn, conn_since
+        if stalled is None or now - since < self._reclaim_after_s:
+            return since + self._reclaim_after_s  # a stall may yet begin: look again then
+        log.info(
+            "upstream_connection_reclaimed",
+            extra={"upstream": entry.authority.decode(), "stalled_s": round(now - since, 3)},
+        )
+        self._reclaimed.add(stalled)
+        entry.busy -= 1
+        stalled.close()
+        return None
+
     async def _wait_for_slot(
-        self, loop: asyncio.AbstractEventLoop, entry: _Host, deadline: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        entry: _Host,
+        deadline: float,
+        recheck_at: float | None = None,
     ) -> None:
+        """Wait until a slot may be free: woken by a release, or at ``recheck_at``."""
         remaining_s = deadline - loop.time()
         if remaining_s <= 0:
             raise TimeoutError("no upstream connection became free within the timeout")
         waiter: asyncio.Future[None] = loop.create_future()
         entry.waiters.append(waiter)
-        timer = loop.call_later(remaining_s, _expire, waiter)
+        if recheck_at is not None and recheck_at < deadline:
+            timer = loop.call_at(recheck_at, _wake, waiter)
+        else:
+            timer = loop.call_later(remaining_s, _expire, waiter)
         try:
             await waiter
         except BaseException:
@@ -256,6 +324,11 @@ class Http1Pool:
                 next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
         if next_expiry is not None:
             self._sweep = loop.call_at(next_expiry, self._close_expired)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
