@@ -9,7 +9,6 @@ cookie's secret leads is ``sessions.cookie`` and ``sessions.crypto``'s.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -30,8 +29,6 @@ from gateway.sessions.model import Session, SessionHandle, SessionStore
 from gateway.sessions.refresh import Refresher
 from gateway.settings import CsrfSettings
 
-log = logging.getLogger(__name__)
-
 # A watched session is loaded again this often while the store tells of its writes and ends
 # (``SessionStore.watch``): that catches what bypasses the feed (a key deleted by hand or
 # evicted, an idle expiry) and, being a load, keeps the session of an open WebSocket from
@@ -40,7 +37,7 @@ _RECHECK_S = 30.0
 # Without that news (the feed down, local_cache_s 0, Cluster), this often: a logout reaches
 # an open WebSocket within 5 s at the cost of one Redis read per socket per 5 s.
 _POLL_S = 5.0
-_JITTER = 0.2  # ±20 %, so that sockets woken together do not poll together for ever
+_JITTER = 0.2  # up to 20 % sooner, so that sockets woken together do not poll together
 
 
 def origin_of(url: str) -> str:
@@ -180,7 +177,7 @@ class SessionAuthenticator:
                     return
                 every_s = _RECHECK_S if watch.told else _POLL_S
                 # Not a secret, only a spread: random is the right tool.
-                every_s *= random.uniform(1 - _JITTER, 1 + _JITTER)  # noqa: S311
+                every_s *= random.uniform(1 - _JITTER, 1)  # noqa: S311
                 await asyncio.wait((watch.changed,), timeout=min(left_s, every_s))
 
 

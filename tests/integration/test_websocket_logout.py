@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 POLICY_VIOLATION = aiohttp.WSCloseCode.POLICY_VIOLATION
 FEED_CLOSE_S = 2.0  # with the feed, an end arrives in milliseconds; a poll takes >= 4 s
-POLL_CLOSE_S = 10.0  # without it, within one poll (5 s ± 20 %)
+POLL_CLOSE_S = 10.0  # without it, within one poll (at most 5 s)
 
 
 @dataclasses.dataclass
