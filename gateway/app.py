@@ -235,11 +235,6 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         auth,
         upstream,
         app.get(CAPTURE),
-        replay_non_idempotent=frozenset(
-            str(route.name)
-            for route in settings.routes
-            if route.replay_non_idempotent_after_refresh
-        ),
     )
     yield
 

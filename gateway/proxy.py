@@ -33,8 +33,6 @@ class Proxy:
         auth: Authenticator,
         upstream: Upstream,
         capture: TokenCapture | None = None,
-        *,
-        replay_non_idempotent: frozenset[str] = frozenset(),
     ) -> None:
         if capture is None and any(route.capture is not None for route in routes):
             raise ValueError("capture_tokens routes need a TokenCapture")  # or tokens leak
@@ -42,8 +40,6 @@ class Proxy:
         self._auth = auth
         self._upstream = upstream
         self._capture = capture
-        # Names of the routes whose POST and PATCH are replayed after a refresh too.
-        self._replay_non_idempotent = replay_non_idempotent
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = parse_path(request.raw_path.partition("?")[0])
@@ -85,4 +81,4 @@ class Proxy:
         return await self._upstream.relay(request, response)
 
     def _replays(self, method: str, route: Route) -> bool:
-        return method in IDEMPOTENT_METHODS or route.name in self._replay_non_idempotent
+        return method in IDEMPOTENT_METHODS or route.replay_non_idempotent

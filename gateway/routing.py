@@ -62,6 +62,8 @@ class Route:
     identity_header_names: frozenset[str]  # lowercased: stripped from every client request
     max_body_bytes: int | None
     capture: CaptureSettings | None = field(default=None, compare=False)  # a login API
+    # POST and PATCH are replayed after a refresh too (idempotent methods always are).
+    replay_non_idempotent: bool = False
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -88,6 +90,7 @@ class Route:
             identity_header_names=frozenset(h.lower() for h in settings.identity_headers),
             max_body_bytes=settings.max_body_bytes,
             capture=settings.capture_tokens,
+            replay_non_idempotent=settings.replay_non_idempotent_after_refresh,
         )
 
     def matches(self, path: str) -> bool:
