@@ -77,8 +77,21 @@ class SessionAuthenticator:
 
     def check_csrf(self, request: web.Request) -> None:
         """Cookie-authenticated requests must carry our custom header (a cross-site page
-        cannot add one without a CORS preflight we never grant) and no foreign Origin."""
-        if not request.headers.get(self._csrf_header):
+        cannot add one without a CORS preflight we never grant) and no foreign Origin.
+
+        A WebSocket handshake cannot carry a custom header from a browser, but browsers
+        always send its Origin, which no page can choose: there, our Origin is required
+        instead (cross-site WebSocket hijacking, RFC 6455 §10.2)."""
+        headers = request.headers
+        if headers.get("Upgrade", "").lower() == "websocket" and not headers.get(
+            self._csrf_header
+        ):
+            origin = headers.get("Origin")
+            if origin is None:
+                raise CsrfError("a cookie-authenticated WebSocket must come from our Origin")
+            self.check_csrf_origin(origin)
+            return
+        if not headers.get(self._csrf_header):
             raise CsrfError(
                 f"cookie-authenticated requests must send the {self._csrf_header} header"
             )

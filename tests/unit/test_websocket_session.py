@@ -213,3 +213,19 @@ async def test_a_closed_websocket_leaves_no_watcher_behind(parts: Parts, live: L
     async with asyncio.timeout(CLOSE_WAIT_S):
         await parts.upstream.closed.wait()  # the gateway's handler has let go of both sides
     assert parts.store.watched == 0
+
+
+async def test_a_browser_websocket_needs_our_origin_not_the_csrf_header(parts: Parts) -> None:
+    # Browsers cannot add a header to a WebSocket handshake, but always send its Origin,
+    # which no page can choose: our Origin is the CSRF check there (CSWSH).
+    cookie, _ = await new_session(parts.store)
+    async with parts.gateway.ws_connect(
+        "/live/feed", headers={"Cookie": cookie, "Origin": "http://localhost:8080"}
+    ) as ws:
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "echo:hi"
+    for origin in ("https://evil.example", None):
+        headers = {"Cookie": cookie} | ({"Origin": origin} if origin else {})
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await parts.gateway.ws_connect("/live/feed", headers=headers)
+        assert refused.value.status == 403
