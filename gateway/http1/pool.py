@@ -8,8 +8,9 @@ A client that stops reading a streamed response stalls its relay, and the relay 
 reading the upstream connection (``connection``'s high-water mark): that connection is
 lent out, doing nothing, until the client's send timeout. When a request waits for a
 connection to a host at its limit, the connection of that host stalled longest, for at
-least ``reclaim_stalled_after_s``, is closed and its slot given to the request; the stalled
-relay then fails and resets its client, whose response is cut. Why this way: nginx buffers
+least ``reclaim_stalled_after_s``, is closed and its slot given to the request. The
+stalled relay keeps what it had read; if the response had not all arrived, the rest is
+lost and the relay aborts its client when it gets that far. Why this way: nginx buffers
 responses (to disk, up to 1 GiB) and frees the upstream at once, but buffering in memory
 costs a stalled client as much as its response, which a flood of them multiplies; letting
 waiters open connections beyond the limit breaks the promise the limit makes to the
