@@ -83,9 +83,7 @@ class SessionAuthenticator:
         always send its Origin, which no page can choose: there, our Origin is required
         instead (cross-site WebSocket hijacking, RFC 6455 §10.2)."""
         headers = request.headers
-        if headers.get("Upgrade", "").lower() == "websocket" and not headers.get(
-            self._csrf_header
-        ):
+        if headers.get("Upgrade", "").lower() == "websocket" and not headers.get(self._csrf_header):
             origin = headers.get("Origin")
             if origin is None:
                 raise CsrfError("a cookie-authenticated WebSocket must come from our Origin")
