@@ -194,6 +194,11 @@ class Http1Connection(asyncio.Protocol):
         self._active = False
         self._writer = None
         self._body.clear()
+        self._buffered_bytes = 0
+        if self._reading_paused:  # released with its body unread past the high-water mark
+            self._reading_paused = False
+            if self._transport is not None and not self._closed:
+                self._transport.resume_reading()
         self.idle_since = self._loop.time()
 
     def close(self) -> None:

@@ -130,6 +130,18 @@ async def test_a_valid_response_split_anywhere_parses_the_same_and_is_reusable(
     assert not transport.aborted
 
 
+async def test_a_connection_finished_with_its_body_unread_reads_again() -> None:
+    # A whole 100 KiB body arrived (reading paused past the high-water mark) and the
+    # caller released it unread: the idle connection must read again, or the next request
+    # on it would wait for its read timeout.
+    body = b"x" * (100 * 1024)
+    conn, transport = feed([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)])
+    assert conn.reusable
+    assert transport.paused
+    conn.finish()
+    assert not transport.paused
+
+
 @st.composite
 def doubtful(draw: st.DrawFn) -> tuple[bytes, bool]:
     """A response (its raw bytes, and whether it answers a HEAD) whose framing is in doubt."""
