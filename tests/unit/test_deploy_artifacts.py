@@ -41,8 +41,9 @@ DEPLOY_KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 OPERATOR_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 TMP_MOUNT = "/tmp"  # noqa: S108 - a mount path in a pod spec, not a file this test writes
 
-# What a dashboard or an alert may query: what the gateway exports, from its own registry: a metric added there must also get a
-# dashboard panel (test_dashboard_queries_only_known_metrics), never a stale copy here.
+# What a dashboard or an alert may query: what the gateway exports, read from its own
+# registry. A metric added there must also get a dashboard panel
+# (test_dashboard_queries_only_known_metrics); there is no hand-kept copy to go stale.
 KNOWN_METRICS = frozenset(
     name
     for name in re.findall(
