@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakes.raw_http import RawConn, RawServer, raw_servers
 from tests.integration.conftest import free_port
 from tests.support.gateway_process import GatewayProcess
-from tests.unit.test_client_timeouts import (
+from tests.support.stalling_clients import (
     OK,
     Hangups,
     get,
