@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.http1 import Http1Pool, connection
 from tests.fakes.raw_http import RawConn, StartServer
+from tests.support.memory import peak_rss_bytes, reset_peak_rss
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -19,17 +18,6 @@ BLOCK = bytes(range(256)) * 256  # 64 KiB
 BLOCKS = 4096  # 256 MiB
 TOTAL_BYTES = len(BLOCK) * BLOCKS
 MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
-
-
-def reset_peak_rss() -> None:
-    # Linux ≥ 4.0: "5" resets VmHWM to the current RSS, so earlier tests don't hide a peak.
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_bytes() -> int:
-    match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    assert match is not None
-    return int(match.group(1)) * 1024
 
 
 async def download(request: web.Request) -> web.StreamResponse:
