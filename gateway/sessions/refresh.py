@@ -26,6 +26,10 @@ from gateway.settings import RefreshSettings
 
 log = logging.getLogger(__name__)
 
+# A token this close to its expiry is not forwarded while a refresh is under way: it could
+# expire on its way to the upstream. The request waits for the refresh instead.
+_VALID_MARGIN_S = 1.0
+
 
 class Refresher:
     def __init__(
@@ -60,7 +64,11 @@ class Refresher:
     ) -> Session:
         """The session with an access token good for ``ahead_s`` more; ``force`` refreshes
         even so (an upstream rejected ``session``'s token), unless the token was already
-        replaced or is too young (``_may_force``)."""
+        replaced or is too young (``_may_force``).
+
+        Inside the ahead window a token still valid for a moment is returned at once, and
+        the refresh runs in the background; only an expired token, or a forced refresh
+        (whose caller replays with the new token), waits for it."""
         if not self._wants_refresh(session, force):
             if force:
                 self._metrics.refresh_total.labels(result="forced_too_soon").inc()
@@ -72,6 +80,11 @@ class Refresher:
             )
             self._flights[handle.storage_id] = flight
             flight.add_done_callback(lambda task: self._land(handle.storage_id, task))
+        if not force and session.access_expires_at - _VALID_MARGIN_S > self._clock():
+            # Refresh-ahead: the token still works, so this request does not wait for the
+            # IdP or for a lock (one orphaned by a dead replica or a failover waits out its
+            # TTL); the flight goes on, owned here, and the next request finds its result.
+            return session
         started = time.perf_counter()
         try:
             # shield: this caller may be cancelled (client gone); the flight must not be.

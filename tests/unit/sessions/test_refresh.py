@@ -10,7 +10,7 @@ import dataclasses
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -55,7 +55,9 @@ class ScriptedIdp:
 
 
 @pytest.fixture
-async def parts() -> tuple[MemorySessionStore, ScriptedIdp, Refresher, SessionHandle]:
+async def parts() -> AsyncIterator[
+    tuple[MemorySessionStore, ScriptedIdp, Refresher, SessionHandle]
+]:
     store = MemorySessionStore(SessionSettings(store="memory"))
     idp = ScriptedIdp()
     refresher = Refresher(store, idp, RefreshSettings(ahead_s=60, timeout_s=1), Metrics())
@@ -70,7 +72,9 @@ async def parts() -> tuple[MemorySessionStore, ScriptedIdp, Refresher, SessionHa
             created_at=time.time(),
         ),
     )
-    return store, idp, refresher, handle
+    yield store, idp, refresher, handle
+    idp.release.set()
+    await refresher.aclose()  # a refresh left in the background lands
 
 
 Parts = tuple[MemorySessionStore, ScriptedIdp, Refresher, SessionHandle]
