@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from gateway.sessions.authenticator import SessionAuthenticator
-from gateway.sessions.capture import TokenCapture
+from gateway.bff.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import SessionStore

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.context import current
 from gateway.routing import Route, RouteTable, encode_path, parse_path
-from gateway.sessions.capture import TokenCapture
+from gateway.bff.capture import TokenCapture
 from gateway.upstream import Upstream
 from gateway.websocket import forward_websocket, is_websocket_upgrade
 

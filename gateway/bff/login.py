@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.bff.return_to import parse_return_to
+from gateway.bff.session_start import SessionStarter
 from gateway.errors import BadRequestError, GatewayError, IdpError, LoginStateError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
@@ -94,6 +95,7 @@ class LoginEndpoints:
         self._store = store
         self._cookies = cookies
         self._metrics = metrics
+        self._starter = SessionStarter(store, cookies, metrics)
         self._clock = clock
 
     async def login(self, request: web.Request) -> web.StreamResponse:
@@ -187,15 +189,9 @@ class LoginEndpoints:
             idp_session_id=claims["sid"] if isinstance(claims.get("sid"), str) else None,
             created_at=now,
         )
-        previous = self._cookies.session_handle(request)
-        if previous is not None:
-            await self._store.delete(previous)  # no fixation: a login always starts afresh
-        secret = new_secret()
-        await self._store.create(derive_handle(secret), session)
-        self._metrics.sessions_created_total.inc()
-        log.info("login", extra={"result": "success"})
         response = redirect(pending.return_to)
-        self._cookies.set_session(response, secret)
+        await self._starter.start(request, response, session)
+        log.info("login", extra={"result": "success"})
         self._cookies.clear_login(response)
         return response
 

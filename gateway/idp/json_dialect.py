@@ -5,7 +5,7 @@ One call per refresh (URL, method, static headers, optionally the current access
 Replies are mapped here, from status codes and the fields at configured paths, onto
 ``TokenSet`` / ``RefreshRejected`` (the refresh token is dead) / ``IdpUnavailable`` (try
 later). Locking and storing the result are ``sessions.refresh``'s; sessions themselves come
-from token capture (``sessions.capture``) or an OIDC login.
+from token capture (``bff.capture``) or an OIDC login.
 
 Tokens from such an API are trusted as the system issued them: without ``oidc.issuer`` or
 ``oidc.jwks_uri`` tokengate cannot verify them and treats them as opaque, reading a JWT's

@@ -4,7 +4,7 @@ or drop every value without touching the original, and the shapes that show a to
 a string (a JWT, an opaque run).
 
 Shared by the JSON refresh dialect (``idp.json_dialect``) and token capture
-(``sessions.capture``); what a path means, and what to drop, is their business. All but
+(``bff.capture``); what a path means, and what to drop, is their business. All but
 ``read_limited`` are pure.
 """
 

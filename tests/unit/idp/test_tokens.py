@@ -26,7 +26,7 @@ from gateway.idp.oauth2 import OAuth2Client
 from gateway.idp.tokens import parse_expiry
 from gateway.metrics import Metrics
 from gateway.routing import Route
-from gateway.sessions.capture import TokenCapture
+from gateway.bff.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import Session

@@ -52,6 +52,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.bff.session_start import SessionStarter
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.idp.json_paths import (
     MAX_JSON_REPLY_BYTES,
@@ -70,8 +71,7 @@ from gateway.idp.tokens import parse_expiry, parse_unverified_claims
 from gateway.metrics import Metrics
 from gateway.principal import parse_scopes
 from gateway.routing import Route
-from gateway.sessions.cookie import SessionCookies, new_secret
-from gateway.sessions.crypto import derive_handle
+from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.model import Session, SessionStore
 from gateway.set_cookie import CookieGuard, parse_set_cookie_name
 from gateway.settings import CaptureSettings, JsonResponsePaths
@@ -199,6 +199,7 @@ class TokenCapture:
         self._guard = CookieGuard(frozenset((cookies.name, cookies.login_name)))
         self._default_lifetime_s = default_lifetime_s
         self._metrics = metrics
+        self._starter = SessionStarter(store, cookies, metrics)
         self._clock = clock
         self._check_csrf = check_csrf
 
@@ -249,7 +250,7 @@ class TokenCapture:
         )
         response.headers["Cache-Control"] = "no-store"
         if session is not None:
-            await self._start_session(request, response, session)
+            await self._starter.start(request, response, session)
             log.info("login", extra={"result": "success", "via": "capture", "route": route.name})
         return response
 
@@ -316,17 +317,6 @@ class TokenCapture:
             claims=claims,
             created_at=now,
         )
-
-    async def _start_session(
-        self, request: web.Request, response: web.StreamResponse, session: Session
-    ) -> None:
-        previous = self._cookies.session_handle(request)
-        if previous is not None:
-            await self._store.delete(previous)  # no fixation: a login always starts afresh
-        secret = new_secret()
-        await self._store.create(derive_handle(secret), session)
-        self._metrics.sessions_created_total.inc()
-        self._cookies.set_session(response, secret)
 
 
 def _refused_coding(headers: list[tuple[str, str]]) -> str | None:

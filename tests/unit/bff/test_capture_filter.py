@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from gateway.app import build_app
 from gateway.idp.json_paths import holds_jwt, holds_opaque_token, parse_json_object
-from gateway.sessions.capture import (
+from gateway.bff.capture import (
     TokenFilter,
     parse_claims,
     parse_known_tokens,
