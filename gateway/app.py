@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.admin import Readiness
 from gateway.auth import Authenticator
+from gateway.bff.capture import TokenCapture
 from gateway.bff.login import LoginEndpoints
 from gateway.bff.logout import LogoutEndpoints
 from gateway.errors import MethodNotAllowedError, NotFoundError
@@ -30,7 +31,6 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteTable
 from gateway.sessions.authenticator import SessionAuthenticator
-from gateway.bff.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import SessionStore

@@ -14,9 +14,9 @@ import functools
 from aiohttp import web
 
 from gateway.auth import Authenticator
+from gateway.bff.capture import TokenCapture
 from gateway.context import current
 from gateway.routing import Route, RouteTable, encode_path, parse_path
-from gateway.bff.capture import TokenCapture
 from gateway.upstream import Upstream
 from gateway.websocket import forward_websocket, is_websocket_upgrade
 

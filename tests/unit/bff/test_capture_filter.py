@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from gateway.app import build_app
-from gateway.idp.json_paths import holds_jwt, holds_opaque_token, parse_json_object
 from gateway.bff.capture import (
     TokenFilter,
     parse_claims,
     parse_known_tokens,
     strip_tokens,
 )
+from gateway.idp.json_paths import holds_jwt, holds_opaque_token, parse_json_object
 from gateway.settings import JsonResponsePaths, parse_settings
 from tests.fakes.raw_http import RawConn, Script, raw_servers
 

@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.bff.capture import TokenCapture
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
 from gateway.idp.tokens import parse_expiry
 from gateway.metrics import Metrics
 from gateway.routing import Route
-from gateway.bff.capture import TokenCapture
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import Session
