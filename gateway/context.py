@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from aiohttp import web
+
 _current: ContextVar[RequestContext | None] = ContextVar("tokengate_request", default=None)
 
 
@@ -32,3 +34,12 @@ def open_context(request_id: str) -> RequestContext:
     ctx = RequestContext(request_id=request_id)
     _current.set(ctx)  # aiohttp runs each request in its own task, hence its own context
     return ctx
+
+
+def set_request_id_header(response: web.StreamResponse) -> None:
+    """Every response carries its request id. Responses a handler streams itself (relayed
+    bodies, WebSockets) call this before ``prepare``; ``ingress`` does it for the rest
+    (cheaper than an ``on_response_prepare`` signal on every response)."""
+    ctx = current()
+    if ctx is not None:
+        response.headers["X-Request-Id"] = ctx.request_id

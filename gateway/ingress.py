@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.context import RequestContext, current, open_context
+from gateway.context import RequestContext, open_context
 from gateway.errors import (
     BadRequestError,
     GatewayError,
@@ -162,12 +162,3 @@ class Ingress:
         if self._log.log_query_string and request.query_string:
             path = f"{path}?{request.query_string}"
         self._access.write(ctx, method, path, status, elapsed_s)
-
-
-def set_request_id_header(response: web.StreamResponse) -> None:
-    """Every response carries its request id. Responses a handler streams itself (relayed
-    bodies, WebSockets) call this before ``prepare``; the middleware does it for the rest
-    (cheaper than an ``on_response_prepare`` signal on every response)."""
-    ctx = current()
-    if ctx is not None:
-        response.headers["X-Request-Id"] = ctx.request_id

@@ -34,7 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.context import current
+from gateway.context import current, set_request_id_header
 from gateway.errors import (
     GatewayError,
     PayloadTooLargeError,
@@ -42,7 +42,6 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.http1 import Http1Pool
-from gateway.ingress import set_request_id_header
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.routing import Route

@@ -19,8 +19,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.context import set_request_id_header
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
-from gateway.ingress import set_request_id_header
 from gateway.routing import Route
 from gateway.upstream import Upstream
 

@@ -60,12 +60,12 @@ from gateway.idp.json_paths import (
     holds_opaque_token,
     members_in,
     parse_json_object,
-    parse_path,
     read_limited,
     remove_members,
     remove_path,
     remove_scalars,
     strings_in,
+    value_at,
 )
 from gateway.idp.tokens import parse_expiry, parse_unverified_claims
 from gateway.metrics import Metrics
@@ -133,7 +133,7 @@ def parse_known_tokens(reply: Any, paths: JsonResponsePaths) -> frozenset[str]:
     found: set[str] = set()
     for path in (paths.access_token, paths.refresh_token):
         if path is not None:
-            found.update(strings_in(parse_path(reply, path)))
+            found.update(strings_in(value_at(reply, path)))
     for name, value in members_in(reply):
         if _token_named(name):
             found.update(strings_in(value))
@@ -162,7 +162,7 @@ def parse_claims(
     SECURITY: ``/auth/session`` shows them; a list, an object or null is not kept. Pure."""
     claims: dict[str, Any] = {}
     for name, path in claims_paths.items():
-        value = parse_path(reply, path)
+        value = value_at(reply, path)
         if isinstance(value, str | int | float) and not tokens.holds_token(value):
             claims[name] = value
     return claims
@@ -174,7 +174,7 @@ def parse_subject(
     """The subject: the reply's ``subject_path``, else the JWT's ``sub``, else "unknown";
     never one holding a token (``/auth/session`` shows it). Pure."""
     if settings.subject_path is not None:
-        value = parse_path(reply, settings.subject_path)
+        value = value_at(reply, settings.subject_path)
         if isinstance(value, str | int) and not isinstance(value, bool):
             subject = str(value)
             if subject and not tokens.holds_token(subject):
@@ -292,15 +292,15 @@ class TokenCapture:
         paths = settings.response
         if not 200 <= status < 300:
             return None
-        if paths.success is not None and parse_path(reply, paths.success) != paths.success_value:
+        if paths.success is not None and value_at(reply, paths.success) != paths.success_value:
             return None
-        access_token = parse_path(reply, paths.access_token)
+        access_token = value_at(reply, paths.access_token)
         if not isinstance(access_token, str) or not access_token:
             return None
-        refresh_token = parse_path(reply, paths.refresh_token) if paths.refresh_token else None
+        refresh_token = value_at(reply, paths.refresh_token) if paths.refresh_token else None
         if not isinstance(refresh_token, str) or not refresh_token:
             refresh_token = None
-        expires_in = parse_path(reply, paths.expires_in) if paths.expires_in else None
+        expires_in = value_at(reply, paths.expires_in) if paths.expires_in else None
         now = self._clock()
         jwt_claims = dict(parse_unverified_claims(access_token))
         tokens = TokenFilter(known, opaque=False)

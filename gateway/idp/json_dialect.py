@@ -25,9 +25,9 @@ import aiohttp
 from gateway.idp.json_paths import (
     MAX_JSON_REPLY_BYTES,
     parse_json_reply,
-    parse_path,
     read_limited,
     split_path,
+    value_at,
 )
 from gateway.idp.tokens import IdpUnavailable, RefreshRejected, TokenSet, parse_expiry
 from gateway.metrics import Metrics
@@ -127,16 +127,16 @@ class JsonDialect:
         paths = self._settings.response
         if not 200 <= status < 300:
             return None
-        if paths.success is not None and parse_path(body, paths.success) != paths.success_value:
+        if paths.success is not None and value_at(body, paths.success) != paths.success_value:
             return None
-        access_token = parse_path(body, paths.access_token)
+        access_token = value_at(body, paths.access_token)
         if not isinstance(access_token, str) or not access_token:
             return None
-        refresh_token = parse_path(body, paths.refresh_token) if paths.refresh_token else None
+        refresh_token = value_at(body, paths.refresh_token) if paths.refresh_token else None
         if not isinstance(refresh_token, str) or not refresh_token:
             refresh_token = None  # keeps the session's: the API does not rotate (RFC 6749 §6)
-        expires_in = parse_path(body, paths.expires_in) if paths.expires_in else None
-        token_type = parse_path(body, paths.token_type) if paths.token_type else None
+        expires_in = value_at(body, paths.expires_in) if paths.expires_in else None
+        token_type = value_at(body, paths.token_type) if paths.token_type else None
         return TokenSet(
             access_token=access_token,
             expires_at=parse_expiry(
@@ -156,7 +156,7 @@ class JsonDialect:
             return True
         if settings.dead_token_path is None:
             return False
-        marker = parse_path(body, settings.dead_token_path)
+        marker = value_at(body, settings.dead_token_path)
         return marker is not None and marker in settings.dead_token_values
 
     def _values(self, session: Session) -> dict[str, str]:

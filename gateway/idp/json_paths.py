@@ -106,7 +106,7 @@ def _step(node: Any, key: str) -> Any:
     return MISSING
 
 
-def parse_path(data: Any, dotted: str, default: Any = None) -> Any:
+def value_at(data: Any, dotted: str, default: Any = None) -> Any:
     """The value at ``dotted`` in ``data`` (objects by key, arrays by index), or ``default``
     when any step is missing. A JSON null is returned as None, like a missing value, unless
     ``default`` is ``MISSING``."""

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.idp.json_dialect import JsonDialect, fill_template
-from gateway.idp.json_paths import MISSING, parse_path, remove_members, remove_path, split_path
+from gateway.idp.json_paths import MISSING, remove_members, remove_path, split_path, value_at
 from gateway.idp.tokens import IdpUnavailable, RefreshRejected
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session
@@ -57,15 +57,15 @@ def test_fill_template_leaves_the_template_unchanged() -> None:
 
 def test_parse_path_walks_objects_and_array_indices() -> None:
     reply = {"isSuccess": True, "data": {"accessToken": "t", "items": [{"id": 7}], "n": None}}
-    assert parse_path(reply, "isSuccess") is True
-    assert parse_path(reply, "data.accessToken") == "t"
-    assert parse_path(reply, "data.items.0.id") == 7
-    assert parse_path(reply, "data.items.1.id") is None
-    assert parse_path(reply, "data.missing") is None
-    assert parse_path(reply, "data.accessToken.deeper") is None
-    assert parse_path("not an object", "data") is None
-    assert parse_path(reply, "data.n", MISSING) is None
-    assert parse_path(reply, "data.absent", MISSING) is MISSING
+    assert value_at(reply, "isSuccess") is True
+    assert value_at(reply, "data.accessToken") == "t"
+    assert value_at(reply, "data.items.0.id") == 7
+    assert value_at(reply, "data.items.1.id") is None
+    assert value_at(reply, "data.missing") is None
+    assert value_at(reply, "data.accessToken.deeper") is None
+    assert value_at("not an object", "data") is None
+    assert value_at(reply, "data.n", MISSING) is None
+    assert value_at(reply, "data.absent", MISSING) is MISSING
 
 
 @pytest.mark.parametrize("bad", ["", ".", "data.", ".data", "data..accessToken"])
