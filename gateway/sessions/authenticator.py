@@ -104,7 +104,10 @@ class SessionAuthenticator:
     async def load(self, request: web.Request) -> tuple[SessionHandle, Session] | None:
         """The request's session, or None when it has no (live) session cookie."""
         value = self._cookies.session_value(request)
-        return None if value is None else await self._load(value)
+        if value is None:
+            return None
+        with self._store.deadline():
+            return await self._load(value)
 
     async def _load(self, value: str) -> tuple[SessionHandle, Session] | None:
         handle = self._cookies.handle_of(value)
@@ -128,14 +131,17 @@ class SessionAuthenticator:
                 "log in, or send a Bearer access token", login_url=self._login_url
             )
         self.check_csrf(request)
-        loaded = await self._load(value)
-        if loaded is None:
-            raise self.expired()
-        handle, session = loaded
-        try:
-            session = await self._refresher.ensure_fresh(handle, session)
-        except SessionExpiredError:
-            raise self.expired() from None
+        # One deadline for the request's store calls: Redis gone answers 503 within
+        # session.redis_timeout_s. A refresh it waits for bounds its own calls.
+        with self._store.deadline():
+            loaded = await self._load(value)
+            if loaded is None:
+                raise self.expired()
+            handle, session = loaded
+            try:
+                session = await self._refresher.ensure_fresh(handle, session)
+            except SessionExpiredError:
+                raise self.expired() from None
         return self._principal_of(handle, session)
 
     def _principal_of(self, handle: SessionHandle, session: Session) -> Principal:
@@ -153,14 +159,17 @@ class SessionAuthenticator:
         there is nothing new to try."""
         if principal.handle is None:
             return None
-        session = await self._store.load(principal.handle)
-        if session is None:
-            raise self.expired()
-        if session.access_token == principal.access_token:
-            try:
-                session = await self._refresher.ensure_fresh(principal.handle, session, force=True)
-            except SessionExpiredError:
-                raise self.expired() from None
+        with self._store.deadline():  # a deadline of its own: the upstream took its time
+            session = await self._store.load(principal.handle)
+            if session is None:
+                raise self.expired()
+            if session.access_token == principal.access_token:
+                try:
+                    session = await self._refresher.ensure_fresh(
+                        principal.handle, session, force=True
+                    )
+                except SessionExpiredError:
+                    raise self.expired() from None
         if session.access_token == principal.access_token:
             return None
         return principal_of(principal.handle, session)

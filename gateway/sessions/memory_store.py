@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 from gateway.sessions.crypto import digest, open_sealed, open_session, seal, seal_session, slot_aad
@@ -227,6 +227,9 @@ class MemorySessionStore:
     def watched(self) -> int:
         """How many sessions are watched now: none once every watcher has left."""
         return len(self._watchers)
+
+    def deadline(self) -> AbstractContextManager[None]:
+        return nullcontext()  # every call completes without waiting
 
     async def ping(self) -> bool:
         return True

@@ -199,6 +199,12 @@ class SessionStore(Protocol):
         *before* that load, so that an end in between is not missed. When ``told`` is
         False (no feed now) nothing will come, and the watcher polls."""
 
+    def deadline(self) -> AbstractContextManager[None]:
+        """Give every call of this store made in this context (and in tasks started from
+        it) one deadline: the backend's timeout from now. A request enters it once, so its
+        calls together, retries included, take no longer than that; past it they raise
+        ``SessionStoreUnavailableError``. Outside it, each call is bounded by itself."""
+
     async def ping(self) -> bool:
         """True when the backend answers (readiness)."""
 

@@ -26,8 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -49,6 +49,7 @@ from gateway.sessions.crypto import (
     seal_session,
     slot_aad,
 )
+from gateway.sessions.deadline import bounded, deadline_of_call
 from gateway.sessions.local_cache import LocalSessionCache, unlock_message
 from gateway.sessions.model import LoginState, Session, SessionHandle, SessionWatch
 from gateway.settings import SessionSettings
@@ -261,6 +262,7 @@ class RedisSessionStore:
         self._client = client
         self._metrics = metrics
         self._clock = clock
+        self._timeout_s = settings.redis_timeout_s
         self._prefix = settings.key_prefix
         self._channel = f"{settings.key_prefix}:invalidate"
         self._cache: LocalSessionCache | None = None
@@ -299,11 +301,14 @@ class RedisSessionStore:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
         try:
-            yield
-        except (RedisError, OSError) as exc:
+            # The request's deadline (``deadline``), else this call's own: redis-py's retry
+            # and a Sentinel's master lookup included, never once per attempt.
+            async with asyncio.timeout_at(deadline_of_call(self._timeout_s)):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
             # The text of a Redis error can carry a host or a key: it stays out of responses.
             self._metrics.session_store_errors_total.inc()
             log.warning("session_store_error", extra={"error_type": type(exc).__name__})
@@ -317,7 +322,7 @@ class RedisSessionStore:
             raise ValueError("the session is already past its absolute timeout")
         stored = replace(session, created_at=created_at, version=1)
         blob = seal_session(handle, stored)
-        with self._translated():
+        async with self._translated():
             # The session before its index entries: if Redis fails in between, the login
             # fails and the unindexed session, whose cookie nobody got, expires by its TTL.
             await self._create(
@@ -364,7 +369,7 @@ class RedisSessionStore:
         cache = self._cache
         generation = 0 if cache is None else cache.generation
         key = self._session_key(handle.storage_id)
-        with self._translated():
+        async with self._translated():
             found = await self._load_and_touch(
                 keys=[key], args=[self._now_ms(), self._idle_ms, self._absolute_ms]
             )
@@ -379,7 +384,7 @@ class RedisSessionStore:
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         blob = seal_session(handle, session)
         storage_id = handle.storage_id
-        with self._translated():
+        async with self._translated():
             version = await self._compare_and_set(
                 keys=[self._session_key(storage_id)],
                 args=[
@@ -399,7 +404,7 @@ class RedisSessionStore:
         return replace(session, version=int(version))
 
     async def delete(self, handle: SessionHandle) -> bool:
-        with self._translated():
+        async with self._translated():
             return bool(await self._delete_by_id(handle.storage_id))
 
     async def _delete_by_id(self, storage_id: str) -> int:
@@ -417,7 +422,7 @@ class RedisSessionStore:
     async def _delete_indexed(self, index: str) -> int:
         # Per-session DELs, never one multi-key command: the sessions live in other slots.
         ended = 0
-        with self._translated():
+        async with self._translated():
             members = await self._members(index)
             for storage_id in members:
                 ended += await self._delete_by_id(storage_id)
@@ -429,12 +434,12 @@ class RedisSessionStore:
     async def put_login_state(self, state: str, key: bytes, login: LoginState, ttl_s: int) -> None:
         state_id = digest(state)
         blob = seal(key, login.to_json(), slot_aad("login", state_id))
-        with self._translated():
+        async with self._translated():
             await self._client.set(f"{self._prefix}:login:{state_id}", blob, ex=ttl_s)
 
     async def take_login_state(self, state: str, key: bytes) -> LoginState | None:
         state_id = digest(state)
-        with self._translated():
+        async with self._translated():
             # GETDEL: one round trip, so two callbacks with one state cannot both succeed.
             blob = await self._client.getdel(f"{self._prefix}:login:{state_id}")
         if blob is None:
@@ -444,17 +449,17 @@ class RedisSessionStore:
 
     async def remember_once(self, namespace: str, value: str, ttl_s: int) -> bool:
         key = f"{self._prefix}:once:{namespace}:{digest(value)}"
-        with self._translated():
+        async with self._translated():
             return bool(await self._client.set(key, b"1", nx=True, ex=ttl_s))
 
     async def acquire_lock(self, handle: SessionHandle, token: str, ttl_s: float) -> bool:
         key = self._lock_key(handle.storage_id)
-        with self._translated():
+        async with self._translated():
             return bool(await self._client.set(key, token, nx=True, px=max(int(ttl_s * 1000), 1)))
 
     async def release_lock(self, handle: SessionHandle, token: str) -> bool:
         storage_id = handle.storage_id
-        with self._translated():
+        async with self._translated():
             released = await self._release(
                 keys=[self._lock_key(storage_id)],
                 args=[token, self._channel, unlock_message(storage_id)],
@@ -477,7 +482,7 @@ class RedisSessionStore:
                 released = None
                 if cache is not None and cache.serving:
                     released = stack.enter_context(cache.lock_released(handle.storage_id))
-                with self._translated():
+                async with self._translated():
                     if not await self._client.exists(key):
                         return
                 remaining_s = deadline - loop.time()
@@ -488,6 +493,9 @@ class RedisSessionStore:
                 else:
                     await asyncio.sleep(min(delay_s, remaining_s))
                     delay_s = min(delay_s * 2, _POLL_MAX_S)
+
+    def deadline(self) -> AbstractContextManager[None]:
+        return bounded(self._timeout_s)
 
     @contextmanager
     def watch(self, storage_id: str) -> Iterator[SessionWatch]:

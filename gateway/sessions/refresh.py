@@ -21,6 +21,7 @@ from collections.abc import Callable
 from gateway.errors import IdpError, RefreshUnavailableError, SessionExpiredError
 from gateway.idp.tokens import IdpUnavailable, RefreshDialect, RefreshRejected
 from gateway.metrics import Metrics
+from gateway.sessions.deadline import detached
 from gateway.sessions.model import Session, SessionHandle, SessionStore
 from gateway.settings import RefreshSettings
 
@@ -75,8 +76,10 @@ class Refresher:
             return session
         flight = self._flights.get(handle.storage_id)
         if flight is None:
+            # Detached: the flight serves every request of the session, so no request's
+            # store deadline applies to it; each of its store calls is bounded by itself.
             flight = asyncio.create_task(
-                self._refresh(handle, session, force), name="session-refresh"
+                self._refresh(handle, session, force), name="session-refresh", context=detached()
             )
             self._flights[handle.storage_id] = flight
             flight.add_done_callback(lambda task: self._land(handle.storage_id, task))
