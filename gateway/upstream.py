@@ -42,6 +42,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.http1 import Http1Pool
+from gateway.http1.wire import NO_BODY_STATUSES
 from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.routing import Route
@@ -106,11 +107,15 @@ _DroppedNames = tuple[frozenset[str], frozenset[str]]  # (as spelled, once '_' i
 _PEERS_KEPT = 4096  # peer addresses whose trust is remembered (Upstream._is_trusted)
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _BUFFER_LIMIT_BYTES = 64 * 1024  # bodies up to this are read whole (cheap, and replayable)
-_NO_BODY_STATUSES = frozenset({204, 304})
 
 
 _SURROGATE = "surrogateescape"  # aiohttp decodes header bytes so; encoding back is lossless
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+
+
+def response_has_body(method: str, status: int) -> bool:
+    """Whether a response to ``method`` with ``status`` carries content (RFC 9110 §6.4.1)."""
+    return method != "HEAD" and status not in NO_BODY_STATUSES
 
 
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
@@ -451,7 +456,7 @@ class Upstream:
                 continue
             headers.append((k, v))
         length = upstream.content_length
-        no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
+        no_body = not response_has_body(request.method, upstream.status)
         if not no_body and length is not None and length <= _BUFFER_LIMIT_BYTES:
             try:
                 body = await upstream.read()

@@ -75,7 +75,13 @@ from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.model import Session, SessionStore
 from gateway.set_cookie import CookieGuard, parse_set_cookie_name
 from gateway.settings import CaptureSettings, JsonResponsePaths
-from gateway.upstream import HOP_BY_HOP, UpstreamReply, connection_tokens, header_values
+from gateway.upstream import (
+    HOP_BY_HOP,
+    UpstreamReply,
+    connection_tokens,
+    header_values,
+    response_has_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,6 @@ _DROP = HOP_BY_HOP | {
     "content-digest",
     "repr-digest",
 }
-_NO_BODY_STATUSES = frozenset({204, 304})
 _UNREADABLE = "the login reply is not a JSON object that can be relayed safely"
 
 
@@ -226,7 +231,7 @@ class TokenCapture:
         if refused is not None:
             upstream.close()
             raise _unreadable(route, refused)
-        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES:
+        if not response_has_body(request.method, upstream.status):
             upstream.release()
             raw = b""
         else:

@@ -21,7 +21,7 @@ from gateway.http1.errors import (
     MalformedResponseError,
     ServerDisconnectedError,
 )
-from gateway.http1.wire import CHUNKED_END, frame_chunk
+from gateway.http1.wire import CHUNKED_END, NO_BODY_STATUSES, frame_chunk
 
 # Body bytes buffered for a slow consumer before we stop reading the socket, and the level
 # at which we read again: the memory of one response stays near this, whatever its size.
@@ -34,7 +34,6 @@ _LOW_WATER_BYTES = 16 * 1024
 # (or endless 1xx responses) grows our memory. nginx's default is 4-8 KiB; aiohttp's 8 KiB
 # a line.
 _MAX_HEAD_BYTES = 64 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
 _SURROGATE = "surrogateescape"  # as aiohttp decodes header bytes: lossless, and the same
 
 
@@ -439,7 +438,7 @@ class Http1Connection(asyncio.Protocol):
             # SECURITY: after an interim response the framing is the upstream's word alone
             # (one more 1xx, or none); a connection in doubt carries nothing more.
             keep_alive = False
-        if self._head_request or status in _NO_BODY_STATUSES:
+        if self._head_request or status in NO_BODY_STATUSES:
             # RFC 9112 §6.3 (1): no body whatever the headers say. llhttp does not know
             # the method, so a HEAD's exchange ends here and its parser is dropped.
             self._complete = True

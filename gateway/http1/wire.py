@@ -18,6 +18,9 @@ _CONTENT_LENGTH = b"content-length"
 _TRANSFER_ENCODING = b"transfer-encoding"
 _HOST = b"host"
 CHUNKED_END = b"0\r\n\r\n"
+# RFC 9110 §6.4.1: responses that never have content, whatever their headers say (with
+# any response to HEAD). Defined once; the connection, the relay and capture read it.
+NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def build_authority(host: str, port: int) -> bytes:
