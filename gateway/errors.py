@@ -1,15 +1,16 @@
 """Every error a client can see, as one exception tree; ``ingress`` renders them.
 
 Raise anywhere, render in one place. Each class carries its HTTP status, the JSON ``error``
-code of DESIGN.md and any headers it needs. Foreign exceptions are translated where they
-enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches a client.
+code (the README's error table; the tree is drawn in docs/architecture.md too) and any
+headers it needs. Foreign exceptions are translated where they enter (``upstream``, the
+session stores, ``idp``), and their text never reaches a client.
 
     GatewayError
     ├── BadRequestError                      400 invalid_request
     │   └── LoginStateError                  400 invalid_login_state
     ├── InvalidTokenError                    401 invalid_token   (WWW-Authenticate, RFC 6750)
     ├── AuthenticationRequiredError          401 unauthenticated
-    ├── SessionExpiredError                  401 session_expired (login_url)
+    │   └── SessionExpiredError              401 session_expired (login_url)
     ├── InsufficientScopeError               403 insufficient_scope
     ├── CsrfError                            403 csrf
     ├── NotFoundError                        404 not_found
@@ -20,7 +21,7 @@ enter (``upstream``, ``sessions.store``, ``idp``), and their text never reaches 
     ├── HeadersTooLargeError                 431 request_header_fields_too_large
     ├── IdpError                             502 idp_error
     ├── UpstreamUnavailableError             502 upstream_unavailable
-    ├── SessionStoreUnavailableError         503 session_store_unavailable
+    ├── SessionStoreUnavailableError         503 session_store_unavailable (Retry-After)
     ├── RefreshUnavailableError              503 refresh_unavailable (Retry-After)
     └── UpstreamTimeoutError                 504 upstream_timeout
 """

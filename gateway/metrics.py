@@ -1,4 +1,4 @@
-"""The Prometheus metrics of DESIGN.md, owned by one ``Metrics`` object per process.
+"""tokengate's Prometheus metrics (the README's table), owned by one ``Metrics`` per process.
 
 Each instance has its own registry (no module-level globals), so tests can build many.
 With ``workers > 1`` the CLI sets up prometheus-client's multiprocess mode before any

@@ -69,10 +69,6 @@ class Discovery:
         self._metadata: ProviderMetadata | None = None
         self._lock = asyncio.Lock()
 
-    @property
-    def metadata(self) -> ProviderMetadata | None:
-        return self._metadata
-
     async def load(self) -> ProviderMetadata:
         if self._metadata is not None:
             return self._metadata

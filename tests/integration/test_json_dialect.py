@@ -1,7 +1,7 @@
 """Custom token APIs end to end: a login through a token-capture route, session requests,
 refresh by the ``json`` dialect under the lock, a dead refresh token, an API outage, logout.
 
-Both shapes of DESIGN.md run every test: a TokenIDP-style ``POST /token`` (wrapped replies,
+Both shapes of custom token API run every test: a TokenIDP-style ``POST /token`` (wrapped replies,
 ``isSuccess``, rotation with reuse detection, client binding; with ``oidc.jwks_uri``) and a
 ``/User/Login`` + ``/User/RefreshToken`` API (``Version: 2.0``, the current access token as
 Bearer; no OIDC at all). Refreshes are counted at the fake APIs, requests at the upstream,
