@@ -54,6 +54,7 @@ from multidict import CIMultiDict
 
 from gateway.bff.session_start import SessionStarter
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.idp.json_dialect import parse_token_reply
 from gateway.idp.json_paths import (
     MAX_JSON_REPLY_BYTES,
     holds_jwt,
@@ -67,7 +68,7 @@ from gateway.idp.json_paths import (
     strings_in,
     value_at,
 )
-from gateway.idp.tokens import parse_expiry, parse_unverified_claims
+from gateway.idp.tokens import parse_unverified_claims
 from gateway.metrics import Metrics
 from gateway.principal import parse_scopes
 from gateway.routing import Route
@@ -294,19 +295,13 @@ class TokenCapture:
         self, status: int, reply: Any, settings: CaptureSettings, known: frozenset[str]
     ) -> Session | None:
         """The session a successful login reply starts, or None."""
-        paths = settings.response
-        if not 200 <= status < 300:
-            return None
-        if paths.success is not None and value_at(reply, paths.success) != paths.success_value:
-            return None
-        access_token = value_at(reply, paths.access_token)
-        if not isinstance(access_token, str) or not access_token:
-            return None
-        refresh_token = value_at(reply, paths.refresh_token) if paths.refresh_token else None
-        if not isinstance(refresh_token, str) or not refresh_token:
-            refresh_token = None
-        expires_in = value_at(reply, paths.expires_in) if paths.expires_in else None
         now = self._clock()
+        tokens_of = parse_token_reply(
+            status, reply, settings.response, self._default_lifetime_s, now=now
+        )
+        if tokens_of is None:
+            return None
+        access_token = tokens_of.access_token
         jwt_claims = dict(parse_unverified_claims(access_token))
         tokens = TokenFilter(known, opaque=False)
         subject = parse_subject(reply, settings, jwt_claims, tokens)
@@ -314,10 +309,8 @@ class TokenCapture:
         return Session(
             subject=subject,
             access_token=access_token,
-            access_expires_at=parse_expiry(
-                access_token, expires_in, self._default_lifetime_s, now=now
-            ),
-            refresh_token=refresh_token,
+            access_expires_at=tokens_of.expires_at,
+            refresh_token=tokens_of.refresh_token,
             scopes=tuple(sorted(parse_scopes(jwt_claims))),
             claims=claims,
             created_at=now,

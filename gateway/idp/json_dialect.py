@@ -29,10 +29,21 @@ from gateway.idp.json_paths import (
     split_path,
     value_at,
 )
-from gateway.idp.tokens import IdpUnavailable, RefreshRejected, TokenSet, parse_expiry
+from gateway.idp.tokens import (
+    IdpUnavailable,
+    RefreshRejected,
+    TokenSet,
+    idp_call,
+    parse_expiry,
+)
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session
-from gateway.settings import JsonCallSettings, JsonDialectSettings, RefreshSettings
+from gateway.settings import (
+    JsonCallSettings,
+    JsonDialectSettings,
+    JsonResponsePaths,
+    RefreshSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,31 @@ def fill_template(template: Any, values: Mapping[str, str]) -> Any:
     if isinstance(template, list):
         return [fill_template(item, values) for item in template]
     return template
+
+
+def parse_token_reply(
+    status: int, body: Any, paths: JsonResponsePaths, default_lifetime_s: float, *, now: float
+) -> TokenSet | None:
+    """The tokens of a successful reply of a JSON token API, read at the configured
+    ``paths`` (a refresh by this dialect, a login by token capture); None for a reply that
+    is not a success or carries no access token. Pure."""
+    if not 200 <= status < 300:
+        return None
+    if paths.success is not None and value_at(body, paths.success) != paths.success_value:
+        return None
+    access_token = value_at(body, paths.access_token)
+    if not isinstance(access_token, str) or not access_token:
+        return None
+    refresh_token = value_at(body, paths.refresh_token) if paths.refresh_token else None
+    expires_in = value_at(body, paths.expires_in) if paths.expires_in else None
+    token_type = value_at(body, paths.token_type) if paths.token_type else None
+    return TokenSet(
+        access_token=access_token,
+        expires_at=parse_expiry(access_token, expires_in, default_lifetime_s, now=now),
+        # None keeps the session's refresh token: the API does not rotate (RFC 6749 §6).
+        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+    )
 
 
 def configured_paths(settings: JsonDialectSettings) -> list[str]:
@@ -124,29 +160,8 @@ class JsonDialect:
 
     def parse_tokens(self, status: int, body: Any) -> TokenSet | None:
         """The tokens of a successful reply; None for anything else. Pure but for the clock."""
-        paths = self._settings.response
-        if not 200 <= status < 300:
-            return None
-        if paths.success is not None and value_at(body, paths.success) != paths.success_value:
-            return None
-        access_token = value_at(body, paths.access_token)
-        if not isinstance(access_token, str) or not access_token:
-            return None
-        refresh_token = value_at(body, paths.refresh_token) if paths.refresh_token else None
-        if not isinstance(refresh_token, str) or not refresh_token:
-            refresh_token = None  # keeps the session's: the API does not rotate (RFC 6749 §6)
-        expires_in = value_at(body, paths.expires_in) if paths.expires_in else None
-        token_type = value_at(body, paths.token_type) if paths.token_type else None
-        return TokenSet(
-            access_token=access_token,
-            expires_at=parse_expiry(
-                access_token, expires_in, self._default_lifetime_s, now=self._clock()
-            ),
-            # None keeps the session's refresh token: the API does not rotate (RFC 6749 §6).
-            refresh_token=refresh_token
-            if isinstance(refresh_token, str) and refresh_token
-            else None,
-            token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        return parse_token_reply(
+            status, body, self._settings.response, self._default_lifetime_s, now=self._clock()
         )
 
     def is_dead_token(self, status: int, body: Any) -> bool:
@@ -176,8 +191,7 @@ class JsonDialect:
         body = fill_template(call_settings.body, self._values(session))
         # A GET carries no body unless the template asks for one.
         payload = body if body or call_settings.method != "GET" else None
-        started = time.perf_counter()
-        try:
+        with idp_call(self._metrics, call):
             async with self._http.request(
                 call_settings.method,
                 call_settings.url,
@@ -188,14 +202,6 @@ class JsonDialect:
             ) as resp:
                 status = resp.status
                 raw = await read_limited(resp.content.iter_any(), MAX_JSON_REPLY_BYTES)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # SECURITY: the exception's text may carry the URL; only its type is logged.
-            log.warning("idp_call_failed", extra={"call": call, "error_type": type(exc).__name__})
-            raise IdpUnavailable(type(exc).__name__) from exc
-        finally:
-            self._metrics.idp_request_duration_seconds.labels(call=call).observe(
-                time.perf_counter() - started
-            )
         return status, None if raw is None else parse_json_reply(raw)
 
 

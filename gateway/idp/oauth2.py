@@ -23,6 +23,7 @@ from gateway.idp.tokens import (
     IdpUnavailable,
     RefreshRejected,
     TokenSet,
+    idp_call,
     parse_expiry,
     parse_scope_field,
 )
@@ -117,8 +118,7 @@ class OAuth2Client:
     async def _post(self, endpoint: str, form: dict[str, str], *, call: str) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
         form = {**form, **self._client_auth(endpoint, headers)}
-        started = time.perf_counter()
-        try:
+        with idp_call(self._metrics, call):
             async with self._http.post(
                 endpoint, data=form, headers=headers, timeout=self._timeout
             ) as resp:
@@ -127,13 +127,6 @@ class OAuth2Client:
                     body = await resp.json(content_type=None)
                 except ValueError:
                     body = None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("idp_call_failed", extra={"call": call, "error_type": type(exc).__name__})
-            raise IdpUnavailable(type(exc).__name__) from exc
-        finally:
-            self._metrics.idp_request_duration_seconds.labels(call=call).observe(
-                time.perf_counter() - started
-            )
         return status, body
 
     def _client_auth(self, endpoint: str, headers: dict[str, str]) -> dict[str, str]:

@@ -7,16 +7,22 @@ refresh token is dead (end the session); ``IdpUnavailable`` means try again late
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
 import jwt
 
+from gateway.metrics import Metrics
 from gateway.principal import parse_scope_tokens
 from gateway.sessions.model import Session
 from gateway.tokens.jws import parse_numeric_date
+
+log = logging.getLogger(__name__)
 
 
 class RefreshRejected(Exception):
@@ -25,6 +31,24 @@ class RefreshRejected(Exception):
 
 class IdpUnavailable(Exception):
     """The IdP could not answer usefully now: network, timeout, 5xx, or a garbled reply."""
+
+
+@contextmanager
+def idp_call(metrics: Metrics, call: str) -> Iterator[None]:
+    """One HTTP call at the IdP, the one boundary every dialect's calls cross: its duration
+    observed as ``call``, and a network failure or timeout made ``IdpUnavailable``.
+
+    SECURITY: only the exception's type is logged; its text may carry the URL."""
+    started = time.perf_counter()
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("idp_call_failed", extra={"call": call, "error_type": type(exc).__name__})
+        raise IdpUnavailable(type(exc).__name__) from exc
+    finally:
+        metrics.idp_request_duration_seconds.labels(call=call).observe(
+            time.perf_counter() - started
+        )
 
 
 @dataclass(frozen=True, slots=True)
