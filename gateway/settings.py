@@ -36,8 +36,19 @@ AuthMode = Literal["none", "bearer", "session", "session_or_bearer"]
 ClientAuth = Literal["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 _REDIS_SCHEMES = frozenset(
-    {"redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster"}
+    {
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "rediss+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+    }
 )
+# A query parameter of a Redis URL whose value is a secret (redis-py's `password`, a
+# Sentinel's `sentinel_password`, a key file's `ssl_password`).
+_URL_SECRET_PARAM = re.compile(r"(^|&)([^=&]*password=)[^&]*")
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -74,10 +85,11 @@ def parse_http_url(value: str, *, allow_http: bool = True) -> str:
 
 def mask_url_password(url: str) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":**********@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":**********@", 1)
+    query = _URL_SECRET_PARAM.sub(r"\1\2**********", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Section(BaseModel):
@@ -323,8 +335,8 @@ class SessionSettings(Section):
         scheme = urlsplit(value).scheme
         if scheme not in _REDIS_SCHEMES:
             raise ValueError(
-                "must be a redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
-                "or rediss+cluster:// URL"
+                "must be a redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, "
+                "redis+cluster:// or rediss+cluster:// URL"
             )
         return value
 

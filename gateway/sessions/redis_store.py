@@ -26,17 +26,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, NodesManager
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.event import EventDispatcher
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.errors import SessionStoreUnavailableError
@@ -170,26 +173,28 @@ def build_redis(settings: SessionSettings) -> RedisClient:
     scheme = urlsplit(url).scheme
     if scheme in ("redis+cluster", "rediss+cluster"):
         return _build_cluster(url, options)
-    if scheme == "redis+sentinel":
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
         return _build_sentinel_master(url, options)
     return Redis.from_url(url, **options)
 
 
 @dataclass(frozen=True, slots=True)
 class MultiHostUrl:
-    """``scheme://[user:password@]host:port[,host:port...][/path]``, as Sentinel and Cluster
-    URLs list several servers (``urllib`` reads one host only)."""
+    """``scheme://[user:password@]host:port[,host:port...][/path][?name=value...]``, as
+    Sentinel and Cluster URLs list several servers (``urllib`` reads one host only)."""
 
     username: str | None
     password: str | None = field(repr=False)
     nodes: tuple[tuple[str, int], ...]
     path: tuple[str, ...]  # the percent-decoded, non-empty path segments
+    query: dict[str, str] = field(repr=False)  # percent-decoded; may hold a password
 
 
 def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
     rest = url.split("://", 1)[1]
-    if "?" in rest or "#" in rest:
-        raise ValueError("must not carry a query string or fragment")
+    if "#" in rest:
+        raise ValueError("must not carry a fragment")
+    rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
     userinfo, _, hosts = netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
@@ -200,12 +205,30 @@ def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
         if not node.hostname:
             raise ValueError(f"{item!r} is not host:port")
         nodes.append((node.hostname, port or default_port))
+    pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("a query parameter is given twice")
     return MultiHostUrl(
         username=unquote(username) or None,
         password=unquote(password) or None,
         nodes=tuple(nodes),
         path=tuple(unquote(part) for part in path.split("/") if part),
+        query=dict(pairs),
     )
+
+
+def _tls_options(url: str, parsed: MultiHostUrl, allowed: set[str]) -> dict[str, Any]:
+    """redis-py's TLS options for a ``rediss+`` URL (certificates checked against the system's
+    CAs, or ``ssl_ca_certs``, and the host name), none for ``redis+``; refuses a query
+    parameter outside ``allowed`` (and ``ssl_ca_certs`` for ``rediss+``)."""
+    tls = url.startswith("rediss+")
+    unknown = set(parsed.query) - allowed - ({"ssl_ca_certs"} if tls else set())
+    if unknown:
+        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}")
+    if not tls:
+        return {}
+    return {"ssl": True, "ssl_ca_certs": parsed.query.get("ssl_ca_certs")}
 
 
 def _build_cluster(url: str, options: dict[str, Any]) -> RedisCluster:
@@ -214,30 +237,106 @@ def _build_cluster(url: str, options: dict[str, Any]) -> RedisCluster:
     parsed = parse_multi_host_url(url, _REDIS_PORT)
     if parsed.path not in ((), ("0",)):
         raise ValueError("expected redis+cluster://host:port[,host:port...] (db 0 only)")
-    return RedisCluster(
+    return _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
         username=parsed.username,
         password=parsed.password,
-        ssl=url.startswith("rediss+"),
+        **_tls_options(url, parsed, set()),
         **options,
     )
 
 
+class _ClusterConnection(Connection):
+    """A connection to a cluster node. redis-py's cluster client answers CLUSTERDOWN (and
+    every fifth MOVED) by disconnecting every node, connections other commands are using
+    included; a command caught between connecting and writing then found no writer and
+    raised ``AttributeError``, which no caller expects. It fails here as a connection the
+    server closed does: the client retries it, the store reports Redis unavailable. (Our
+    clients always have a ``socket_timeout``, so redis-py writes through this method.)"""
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        if self._writer is None:
+            raise RedisConnectionError("closed by another command")
+        await super()._send_packed_command(command)
+
+
+class _ClusterSSLConnection(_ClusterConnection, SSLConnection):
+    pass
+
+
+class _ClusterNodes(NodesManager):
+    """redis-py 7.4's view of the cluster, its slot table pointing at the nodes it keeps.
+
+    ``initialize`` runs again after every connection error, CLUSTERDOWN and fifth MOVED (a
+    failover brings dozens) and builds new ``ClusterNode`` objects from CLUSTER SLOTS. The
+    node table keeps the object it had for a known address, but redis-py 7.4 routes by a
+    slot table of the new ones: commands open connections on objects that ``aclose`` never
+    reaches, and the next refresh drops them still connected, each an "Unclosed ClusterNode
+    object" error line and leaked sockets (115-170 in a 5 s failover with 8 busy tasks).
+    redis-py 8.0 rebuilds the slot table from the kept nodes (redis/redis-py#4057); so does
+    this, and it gives them the role the refresh found (a promoted replica is a primary)."""
+
+    __slots__ = ()
+
+    async def initialize(self) -> None:
+        await super().initialize()
+        # No await since super() set the slot table: no command has used the new objects.
+        kept = self.nodes_cache
+        rebuilt: dict[int, list[ClusterNode]] = {}  # by id: a range of slots shares a list
+        for slot, found in self.slots_cache.items():
+            nodes = rebuilt.get(id(found))
+            if nodes is None:
+                nodes = []
+                for node in found:
+                    known = kept.setdefault(node.name, node)
+                    known.server_type = node.server_type
+                    nodes.append(known)
+                rebuilt[id(found)] = nodes
+            self.slots_cache[slot] = nodes
+
+
+class _Cluster(RedisCluster):
+    """``RedisCluster`` with the two repairs above: its nodes' connections are
+    ``_ClusterConnection`` and its view of the cluster is ``_ClusterNodes``."""
+
+    def __init__(self, *, startup_nodes: list[ClusterNode], **options: Any) -> None:
+        dispatcher = EventDispatcher()
+        super().__init__(startup_nodes=startup_nodes, event_dispatcher=dispatcher, **options)
+        kwargs = self.connection_kwargs  # what every node is built with from now on
+        kwargs["connection_class"] = (
+            _ClusterSSLConnection if options.get("ssl") else _ClusterConnection
+        )
+        self.nodes_manager = _ClusterNodes(
+            [ClusterNode(node.host, node.port, **kwargs) for node in startup_nodes],
+            require_full_coverage=True,
+            connection_kwargs=kwargs,
+            event_dispatcher=dispatcher,
+        )
+
+
 def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
-    # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]; the
-    # credentials are the master's; the Sentinels get the same timeouts.
+    # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]: the
+    # credentials are the master's. Sentinels that require a password of their own
+    # (`requirepass` in sentinel.conf) get ?sentinel_password=...[&sentinel_username=...];
+    # rediss+sentinel:// is TLS to both, with the same timeouts.
     parsed = parse_multi_host_url(url, _SENTINEL_PORT)
+    tls = _tls_options(url, parsed, {"sentinel_username", "sentinel_password"})
     parts = list(parsed.path)
     db = parts.pop() if len(parts) == 2 and parts[1].isdigit() else "0"
     if len(parts) != 1:
         raise ValueError("expected redis+sentinel://host:port[,host:port]/service_name[/db]")
+    sentinel_auth = {
+        "username": parsed.query.get("sentinel_username") or None,
+        "password": parsed.query.get("sentinel_password") or None,
+    }
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
         list(parsed.nodes),
-        sentinel_kwargs=dict(options),
+        sentinel_kwargs={**options, **tls, **sentinel_auth},
         username=parsed.username,
         password=parsed.password,
         db=int(db),
         **options,
+        **tls,
     )
     master = sentinel.master_for(parts[0], redis_class=_SentinelMaster)
     return cast(Redis, master)

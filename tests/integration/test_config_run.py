@@ -23,6 +23,7 @@ REDIS_URLS = (
     "rediss://user:pw@127.0.0.1:1/2",
     "unix:///nonexistent/redis.sock",
     "redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster/1",
+    "rediss+sentinel://:pw@127.0.0.1:1/mymaster?sentinel_password=spw&ssl_ca_certs=/ca.pem",
     "redis+cluster://127.0.0.1:1",
     "redis+cluster://user:pw@127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
     "rediss+cluster://127.0.0.1:1,127.0.0.1:2/0",

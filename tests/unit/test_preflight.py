@@ -11,6 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway import preflight
 from gateway.cli import main
@@ -42,6 +44,8 @@ def sessions_config(**overrides: Any) -> dict[str, Any]:
         ("unix:///run/redis.sock", Redis, None),
         ("redis+sentinel://s1:26379,s2:26380/mymaster/1", _SentinelMaster, None),
         ("redis+sentinel://:pw@s1/mymaster", _SentinelMaster, None),
+        ("redis+sentinel://s1,s2/mymaster/0?sentinel_password=spw", _SentinelMaster, None),
+        ("rediss+sentinel://u:pw@s1:26379/mymaster?ssl_ca_certs=/ca.pem", _SentinelMaster, None),
         ("redis+cluster://h1:7000", RedisCluster, [("h1", 7000)]),
         (
             "redis+cluster://user:pw@h1:7000,h2:7001,h3",
@@ -72,6 +76,71 @@ def test_cluster_url_carries_credentials_and_tls() -> None:
     assert "p:w" not in repr(parsed)
 
 
+async def test_a_rediss_cluster_url_builds_every_node_with_tls() -> None:
+    client = build_redis(session_settings("rediss+cluster://h1:7000,h2:7001?ssl_ca_certs=/ca.pem"))
+    try:
+        assert isinstance(client, RedisCluster)
+        for node in client.nodes_manager.startup_nodes.values():
+            assert issubclass(node.connection_class, SSLConnection)
+            assert node.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    finally:
+        await client.aclose()
+
+
+async def test_a_sentinel_url_gives_the_sentinels_their_own_credentials_and_tls() -> None:
+    url = (
+        "rediss+sentinel://app:m%40ster@s1:26379,s2/mymaster/2"
+        "?sentinel_username=watch&sentinel_password=s%2Bpw&ssl_ca_certs=/etc/ca.pem"
+    )
+    client = build_redis(session_settings(url))
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        master = pool.connection_kwargs
+        assert (master["username"], master["password"], master["db"]) == ("app", "m@ster", 2)
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert master["ssl_ca_certs"] == "/etc/ca.pem"
+        for sentinel in pool.sentinel_manager.sentinels:
+            options = sentinel.connection_pool.connection_kwargs
+            assert (options["username"], options["password"]) == ("watch", "s+pw")
+            assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
+            assert options["ssl_ca_certs"] == "/etc/ca.pem"
+            assert options["socket_timeout"] == 2.0
+    finally:
+        await client.aclose()
+
+
+async def test_a_plain_sentinel_url_sends_the_sentinels_no_credentials() -> None:
+    client = build_redis(session_settings("redis+sentinel://:pw@s1/mymaster"))
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        assert pool.connection_kwargs["password"] == "pw"
+        sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+        assert sentinel.connection_kwargs.get("password") is None
+        assert not issubclass(sentinel.connection_class, SSLConnection)
+    finally:
+        await client.aclose()
+
+
+def test_check_config_masks_a_sentinel_password_in_the_query(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokengate.yaml"
+    url = "redis+sentinel://:hunter2@s1/mymaster?sentinel_password=sesame"
+    path.write_text(
+        "public_url: https://app.example.com\n"
+        "oidc: {issuer: https://idp.example.com, client_id: bff}\n"
+        f"session: {{redis_url: '{url}'}}\n"
+        "routes: [{prefix: /api, upstream: 'http://127.0.0.1:9', auth: session}]\n"
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sentinel_password=**********" in out
+    assert "hunter2" not in out
+    assert "sesame" not in out
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -80,6 +149,10 @@ def test_cluster_url_carries_credentials_and_tls() -> None:
         "redis+cluster://h1:7000/3",
         "redis+cluster://h1:99999",
         "redis+cluster://h1:7000?ssl=true",
+        "redis+cluster://h1:7000?ssl_ca_certs=/ca.pem",  # without TLS: a mistake
+        "redis+sentinel://s1/mymaster?sentinel_pasword=x",
+        "redis+sentinel://s1/mymaster?sentinel_password=a&sentinel_password=b",
+        "redis+sentinel://s1/mymaster#x",
         "redis+sentinel://s1:26379",
         "redis://h:abc/0",
     ],
