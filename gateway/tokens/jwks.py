@@ -24,6 +24,7 @@ from gateway.errors import IdpError, InvalidTokenError
 from gateway.idp.discovery import Discovery
 from gateway.metrics import Metrics
 from gateway.settings import OidcSettings
+from gateway.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class JwksCache:
         self._keys: tuple[SigningKey, ...] = ()
         self._fingerprint: object = None
         self._last_kid_refetch_at = -float("inf")
-        self._inflight: asyncio.Task[float] | None = None
+        self._fetches: SingleFlight[None, float] = SingleFlight("jwks-fetch")
         self._refresher: asyncio.Task[None] | None = None
         self.generation = 0
         self.next_refresh_in_s = settings.jwks_max_age_s
@@ -122,12 +123,12 @@ class JwksCache:
         self._refresher = asyncio.create_task(self._keep_fresh(), name="jwks-refresh")
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._refresher, self._inflight) if t is not None]
-        for task in tasks:
-            task.cancel()
-        # A fetch that already failed has nothing left to report at shutdown.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._refresher = self._inflight = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+            # A fetch that already failed has nothing left to report at shutdown.
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
+        await self._fetches.aclose()
 
     async def get_key(self, kid: str | None, alg: str) -> SigningKey:
         key = self._lookup(kid, alg)
@@ -137,7 +138,7 @@ class JwksCache:
         # interval so a flood of forged kids cannot turn us into a DoS on the IdP.
         # Only these refetches count against the interval: the periodic refresh must not
         # delay the first token signed with a just-rotated key.
-        if self._inflight is None:
+        if self._fetches.running(None) is None:
             now = self._clock()
             if now - self._last_kid_refetch_at < self._settings.jwks_refetch_interval_s:
                 raise InvalidTokenError("the token's signing key is unknown")
@@ -151,17 +152,7 @@ class JwksCache:
 
     async def refresh(self) -> float:
         """Fetch the key set now, joining a fetch already under way; returns its max-age."""
-        if self._inflight is None:
-            self._inflight = asyncio.create_task(self._fetch(), name="jwks-fetch")
-            self._inflight.add_done_callback(self._clear_inflight)
-        # shield: one caller giving up must not cancel the fetch the others wait for.
-        return await asyncio.shield(self._inflight)
-
-    def _clear_inflight(self, task: asyncio.Task[float]) -> None:
-        if self._inflight is task:
-            self._inflight = None
-        if not task.cancelled():
-            task.exception()  # retrieved here so an unawaited failure is not reported twice
+        return await self._fetches.join(None, self._fetch)
 
     def _lookup(self, kid: str | None, alg: str) -> SigningKey | None:
         if kid is not None:
