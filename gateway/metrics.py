@@ -86,9 +86,16 @@ class Metrics:
         )
         self.refresh_total = Counter(
             "tokengate_refresh_total",
-            "Access-token refreshes at the IdP, by result.",
+            "Access-token refreshes, by result (backoff: one not tried, the IdP having failed).",
             ("result",),
             registry=r,
+        )
+        self.refresh_backoff_sessions = Gauge(
+            "tokengate_refresh_backoff_sessions",
+            "Sessions this process knows to be in refresh backoff after failed refreshes (its "
+            "own, or read from the store); summed over workers, a session two know counts twice.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.refresh_lock_wait_seconds = Histogram(
             "tokengate_refresh_lock_wait_seconds",

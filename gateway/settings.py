@@ -285,6 +285,11 @@ class RefreshSettings(Section):
     # relayed without refreshing again: an upstream that rejects every token must not turn
     # each request into a refresh grant at the IdP.
     forced_min_interval_s: float = Field(30.0, ge=0)
+    # After a refresh failed for a reason of the IdP's (down, slow, 5xx), no replica tries
+    # that session again for backoff_first_s, doubling per consecutive failure up to
+    # backoff_max_s, each interval jittered down to no less than half (sessions.backoff).
+    backoff_first_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
 
     @field_validator("token_endpoint")
     @classmethod
@@ -295,6 +300,8 @@ class RefreshSettings(Section):
     def _check_dialect(self) -> RefreshSettings:
         if self.dialect == "json" and self.json_api is None:
             raise ValueError("refresh.dialect json needs the refresh.json section")
+        if self.backoff_first_s > self.backoff_max_s:
+            raise ValueError("refresh.backoff_first_s must be <= backoff_max_s")
         return self
 
     @property

@@ -16,7 +16,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 from gateway.sessions.crypto import digest, open_sealed, open_session, seal, seal_session, slot_aad
-from gateway.sessions.model import LoginState, Session, SessionHandle, SessionWatch, Waiters
+from gateway.sessions.model import (
+    LoginState,
+    RefreshBackoff,
+    Session,
+    SessionHandle,
+    SessionWatch,
+    Waiters,
+)
 from gateway.settings import SessionSettings
 
 _MIN_SWEEP_WRITES = 64
@@ -58,6 +65,7 @@ class MemorySessionStore:
         self._logins: dict[str, _Entry] = {}
         self._once: dict[str, float] = {}
         self._locks: dict[str, _Lock] = {}
+        self._backoffs: dict[str, tuple[RefreshBackoff, float]] = {}  # and when it expires
         self._watchers = Waiters()
         self._writes_since_sweep = 0
 
@@ -76,6 +84,7 @@ class MemorySessionStore:
         if stored is None:
             return False
         self._watchers.wake(storage_id)
+        self._backoffs.pop(storage_id, None)
         _discard(self._by_subject, stored.subject, storage_id)
         if stored.idp_session_id:
             _discard(self._by_idp_session, stored.idp_session_id, storage_id)
@@ -96,6 +105,8 @@ class MemorySessionStore:
             del self._once[key]
         for storage_id in [k for k, lock in self._locks.items() if lock.expires_at <= now]:
             self._release(storage_id)
+        for storage_id in [k for k, (_, at) in self._backoffs.items() if at <= now]:
+            del self._backoffs[storage_id]
 
     async def create(self, handle: SessionHandle, session: Session) -> Session:
         now = self._clock()
@@ -216,6 +227,21 @@ class MemorySessionStore:
                 if loop.time() >= deadline:
                     return
 
+    async def load_backoff(self, handle: SessionHandle) -> RefreshBackoff | None:
+        kept = self._backoffs.get(handle.storage_id)
+        if kept is None or kept[1] <= self._clock():
+            return None
+        return kept[0]
+
+    async def save_backoff(
+        self, handle: SessionHandle, backoff: RefreshBackoff, ttl_s: float
+    ) -> None:
+        self._backoffs[handle.storage_id] = (backoff, self._clock() + ttl_s)
+        self._wrote()
+
+    async def clear_backoff(self, handle: SessionHandle) -> None:
+        self._backoffs.pop(handle.storage_id, None)
+
     @contextmanager
     def watch(self, storage_id: str) -> Iterator[SessionWatch]:
         # One process: every write passes through ``save`` and every end through
@@ -242,6 +268,7 @@ class MemorySessionStore:
         self._by_idp_session.clear()
         self._logins.clear()
         self._once.clear()
+        self._backoffs.clear()
 
 
 def _discard(index: dict[str, set[str]], value: str, storage_id: str) -> None:

@@ -104,6 +104,15 @@ class LoginState:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshBackoff:
+    """After failed refreshes of a session, when the IdP may be asked again (every replica
+    reads it from the store; ``sessions.backoff`` computes it)."""
+
+    attempts: int  # consecutive failed refreshes
+    until: float  # wall-clock time before which no refresh is tried
+
+
+@dataclass(frozen=True, slots=True)
 class SessionWatch:
     """What ``SessionStore.watch`` hands out while a session is watched."""
 
@@ -189,6 +198,19 @@ class SessionStore(Protocol):
 
     async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
         """Return once the lock is released (or has expired), or after ``timeout_s``."""
+
+    async def load_backoff(self, handle: SessionHandle) -> RefreshBackoff | None:
+        """The session's refresh backoff, or None: no failure since the last success, or
+        none within the TTL it was saved with."""
+
+    async def save_backoff(
+        self, handle: SessionHandle, backoff: RefreshBackoff, ttl_s: float
+    ) -> None:
+        """Keep ``backoff`` for ``ttl_s`` (beyond its ``until``, so that consecutive failures
+        keep counting); ends with the session."""
+
+    async def clear_backoff(self, handle: SessionHandle) -> None:
+        """Forget the session's backoff: a refresh succeeded."""
 
     def watch(self, storage_id: str) -> AbstractContextManager[SessionWatch]:
         """Be told when the session may have ended, for as long as the context lasts.

@@ -5,14 +5,17 @@ Key layout, with ``p`` = ``session.key_prefix`` and ``<id>`` a session's storage
     p:{<id>}:s              HASH  v version, d sealed session JSON, c created_at (ms)
                                   PTTL = min(idle, created_at + absolute - now), slid by load
     p:{<id>}:lock           STRING the refresh lock's random token, PX = lock TTL
+    p:{<id>}:backoff        STRING "<attempts>:<until ms>" after failed refreshes: no replica
+                                  asks the IdP before until; PX = its interval + the
+                                  longest one, so consecutive failures keep counting
     p:sub:<sha256(sub)>     SET   storage ids of the subject's sessions, PTTL = the newest
                                   session's remaining absolute timeout (only ever grows)
     p:sid:<sha256(sid)>     SET   the same for the IdP's session id (back-channel logout)
     p:login:<sha256(state)> STRING a pending login, sealed with the login-binding key
     p:once:<ns>:<sha256(v)> STRING "1", SET NX EX: a value seen once (jti replay)
 
-The ``{<id>}`` hash tag puts a session and its lock in one Cluster slot; every script
-touches one slot. Index entries of ended sessions are pruned when the subject logs in again
+The ``{<id>}`` hash tag puts a session, its lock and its backoff in one Cluster slot; every
+script touches one slot. Index entries of ended sessions are pruned when the subject logs in again
 and when the index is used. A dump shows hashes and ciphertext, never a token, a subject
 or a cookie. A typical session (1 KB access token, 200 B refresh token, 900 B ID token,
 three claims: 2.4 KB of JSON) is one HASH of 2.9 KB (``MEMORY USAGE``, Redis 7.0) plus two
@@ -54,7 +57,13 @@ from gateway.sessions.crypto import (
 )
 from gateway.sessions.deadline import bounded, deadline_of_call
 from gateway.sessions.local_cache import LocalSessionCache, unlock_message
-from gateway.sessions.model import LoginState, Session, SessionHandle, SessionWatch
+from gateway.sessions.model import (
+    LoginState,
+    RefreshBackoff,
+    Session,
+    SessionHandle,
+    SessionWatch,
+)
 from gateway.settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -115,11 +124,12 @@ redis.call('PUBLISH', ARGV[6], ARGV[7])
 return v
 """
 
-# KEYS[1] session hash, KEYS[2] its lock (same slot). ARGV[1] invalidation channel, ARGV[2]
-# storage id. Returns 1 if the session existed, else 0; an end is published in the same step.
+# KEYS[1] session hash, KEYS[2] its lock, KEYS[3] its refresh backoff (same slot). ARGV[1]
+# invalidation channel, ARGV[2] storage id. Returns 1 if the session existed, else 0; an end
+# is published in the same step.
 _DELETE = """
 local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 if existed == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return existed
 """
@@ -394,6 +404,9 @@ class RedisSessionStore:
     def _lock_key(self, storage_id: str) -> str:
         return f"{self._prefix}:{{{storage_id}}}:lock"
 
+    def _backoff_key(self, storage_id: str) -> str:
+        return f"{self._prefix}:{{{storage_id}}}:backoff"
+
     def _index_key(self, kind: str, value: str) -> str:
         return f"{self._prefix}:{kind}:{digest(value)}"
 
@@ -507,7 +520,11 @@ class RedisSessionStore:
             return bool(await self._delete_by_id(handle.storage_id))
 
     async def _delete_by_id(self, storage_id: str) -> int:
-        keys = [self._session_key(storage_id), self._lock_key(storage_id)]
+        keys = [
+            self._session_key(storage_id),
+            self._lock_key(storage_id),
+            self._backoff_key(storage_id),
+        ]
         if self._cache is not None:
             self._cache.drop(storage_id)
         return int(await self._delete(keys=keys, args=[self._channel, storage_id]))
@@ -592,6 +609,28 @@ class RedisSessionStore:
                 else:
                     await asyncio.sleep(min(delay_s, remaining_s))
                     delay_s = min(delay_s * 2, _POLL_MAX_S)
+
+    async def load_backoff(self, handle: SessionHandle) -> RefreshBackoff | None:
+        async with self._translated():
+            raw = await self._client.get(self._backoff_key(handle.storage_id))
+        if raw is None:
+            return None
+        attempts, _, until_ms = bytes(raw).decode("ascii", "replace").partition(":")
+        if not (attempts.isdigit() and until_ms.isdigit()):
+            return None  # not ours to read: as if none
+        return RefreshBackoff(int(attempts), int(until_ms) / 1000)
+
+    async def save_backoff(
+        self, handle: SessionHandle, backoff: RefreshBackoff, ttl_s: float
+    ) -> None:
+        value = f"{backoff.attempts}:{int(backoff.until * 1000)}"
+        ttl_ms = max(int(ttl_s * 1000), 1)
+        async with self._translated():
+            await self._client.set(self._backoff_key(handle.storage_id), value, px=ttl_ms)
+
+    async def clear_backoff(self, handle: SessionHandle) -> None:
+        async with self._translated():
+            await self._client.delete(self._backoff_key(handle.storage_id))
 
     def deadline(self) -> AbstractContextManager[None]:
         return bounded(self._timeout_s)

@@ -13,16 +13,23 @@ asked, and how, is the dialect's job (``idp``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable
 
-from gateway.errors import IdpError, RefreshUnavailableError, SessionExpiredError
+from gateway.errors import (
+    IdpError,
+    RefreshUnavailableError,
+    SessionExpiredError,
+    SessionStoreUnavailableError,
+)
 from gateway.idp.tokens import IdpUnavailable, RefreshDialect, RefreshRejected
 from gateway.metrics import Metrics
+from gateway.sessions.backoff import Backoffs, retry_after_s
 from gateway.sessions.deadline import detached
-from gateway.sessions.model import Session, SessionHandle, SessionStore
+from gateway.sessions.model import RefreshBackoff, Session, SessionHandle, SessionStore
 from gateway.settings import RefreshSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ class Refresher:
         self._metrics = metrics
         self._clock = clock
         self._flights: dict[str, asyncio.Task[Session]] = {}
+        self._backoffs = Backoffs(settings, metrics, clock)
 
     def needs_refresh(self, session: Session) -> bool:
         return session.access_expires_at - self._settings.ahead_s <= self._clock()
@@ -74,6 +82,11 @@ class Refresher:
             if force:
                 self._metrics.refresh_total.labels(result="forced_too_soon").inc()
             return session
+        backoff_s = self._backoffs.remaining_s(handle.storage_id)
+        if backoff_s > 0:
+            # A refresh of this session failed lately: the IdP is left alone meanwhile.
+            self._metrics.refresh_total.labels(result="backoff").inc()
+            return self._serve_stale(session, retry_after_s(backoff_s))
         flight = self._flights.get(handle.storage_id)
         if flight is None:
             # Detached: the flight serves every request of the session, so no request's
@@ -103,6 +116,7 @@ class Refresher:
         for flight in flights:
             flight.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
+        self._backoffs.close()
 
     def _land(self, storage_id: str, task: asyncio.Task[Session]) -> None:
         if self._flights.get(storage_id) is task:
@@ -121,7 +135,15 @@ class Refresher:
     async def _refresh(self, handle: SessionHandle, seen: Session, force: bool) -> Session:
         store = self._store
         deadline = time.monotonic() + self._settings.effective_lock_wait_s
+        current = seen
         while True:
+            # Before the lock: a session in backoff costs no lock traffic, and a replica that
+            # waited for the lock learns here that its holder's refresh failed.
+            backoff = await store.load_backoff(handle)
+            if backoff is not None and backoff.until > self._clock():
+                self._backoffs.remember(handle.storage_id, backoff.until)
+                self._metrics.refresh_total.labels(result="backoff").inc()
+                return self._serve_stale(current, retry_after_s(backoff.until - self._clock()))
             token = secrets.token_urlsafe(18)  # a fresh lock token per acquisition
             if await store.acquire_lock(handle, token, self._settings.lock_ttl_s):
                 try:
@@ -129,9 +151,9 @@ class Refresher:
                     if self._is_fresh(current, seen, force):
                         self._metrics.refresh_total.labels(result="already_fresh").inc()
                         return current
-                    return await self._call_idp(handle, current)
+                    return await self._call_idp(handle, current, backoff)
                 finally:
-                    await store.release_lock(handle, token)
+                    await self._release(handle, token)
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 await store.wait_for_unlock(handle, remaining)
@@ -142,13 +164,21 @@ class Refresher:
                 self._metrics.refresh_total.labels(result="lock_timeout").inc()
                 return self._serve_stale(current)
 
+    async def _release(self, handle: SessionHandle, token: str) -> None:
+        with contextlib.suppress(SessionStoreUnavailableError):
+            # Counted and logged by the store; the lock's TTL frees it. The refresh's
+            # outcome stands: its callers must not lose the tokens it saved.
+            await self._store.release_lock(handle, token)
+
     async def _reload(self, handle: SessionHandle) -> Session:
         current = await self._store.load(handle)
         if current is None:
             raise SessionExpiredError()
         return current
 
-    async def _call_idp(self, handle: SessionHandle, current: Session) -> Session:
+    async def _call_idp(
+        self, handle: SessionHandle, current: Session, backoff: RefreshBackoff | None
+    ) -> Session:
         try:
             async with asyncio.timeout(self._settings.timeout_s):
                 tokens = await self._dialect.refresh(current)
@@ -157,11 +187,12 @@ class Refresher:
         except (IdpUnavailable, IdpError, TimeoutError) as exc:
             # Any failure to reach or understand the IdP (its discovery document included)
             # is transient for a session: serve the still-valid token, else 503.
-            self._metrics.refresh_total.labels(result="idp_unavailable").inc()
-            log.warning(
-                "refresh", extra={"result": "idp_unavailable", "error_type": type(exc).__name__}
-            )
-            return self._serve_stale(current)
+            return await self._back_off(handle, current, backoff, exc)
+        if backoff is not None:
+            # Only when there was one: a refresh without a failure before costs no command.
+            self._backoffs.forget(handle.storage_id)
+            with contextlib.suppress(SessionStoreUnavailableError):
+                await self._store.clear_backoff(handle)  # else it runs out by its TTL
         updated = current.with_tokens(
             access_token=tokens.access_token,
             access_expires_at=tokens.expires_at,
@@ -179,6 +210,31 @@ class Refresher:
         log.info("refresh", extra={"result": "success", "version": saved.version})
         return saved
 
+    async def _back_off(
+        self,
+        handle: SessionHandle,
+        current: Session,
+        previous: RefreshBackoff | None,
+        exc: Exception,
+    ) -> Session:
+        """No refresh of this session, on any replica, until the backoff runs out."""
+        backoff = self._backoffs.after_failure(previous)
+        self._backoffs.remember(handle.storage_id, backoff.until)
+        self._metrics.refresh_total.labels(result="idp_unavailable").inc()
+        log.warning(
+            "refresh",
+            extra={
+                "result": "idp_unavailable",
+                "error_type": type(exc).__name__,
+                "attempts": backoff.attempts,
+                "backoff_s": round(backoff.until - self._clock(), 3),
+            },
+        )
+        with contextlib.suppress(SessionStoreUnavailableError):
+            # Counted and logged by the store; this process keeps the backoff even so.
+            await self._store.save_backoff(handle, backoff, self._backoffs.keep_s(backoff))
+        return self._serve_stale(current, retry_after_s(backoff.until - self._clock()))
+
     async def _end_rejected(self, handle: SessionHandle, current: Session) -> Session:
         # Before ending the session, reload: if its refresh token changed meanwhile (a writer
         # we did not see), the grant is alive under the new token.
@@ -191,8 +247,8 @@ class Refresher:
         log.info("refresh", extra={"result": "invalid_grant"})
         raise SessionExpiredError()
 
-    def _serve_stale(self, current: Session) -> Session:
+    def _serve_stale(self, current: Session, retry_after_s: int | None = None) -> Session:
         """The IdP cannot help now: keep serving while the access token is still valid."""
         if current.access_expires_at > self._clock():
             return current
-        raise RefreshUnavailableError(self._settings.retry_after_s)
+        raise RefreshUnavailableError(retry_after_s or self._settings.retry_after_s)

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import secrets
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import RefreshUnavailableError
+from gateway.idp.tokens import IdpUnavailable, TokenSet
 from gateway.metrics import Metrics
+from gateway.sessions.backoff import interval_s, retry_after_s
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.refresh import Refresher
 from gateway.settings import RefreshSettings, SessionSettings
-from tests.unit.sessions.test_refresh import ScriptedIdp, load
+from tests.unit.sessions.test_refresh import Clock, ScriptedIdp, load
 
 
 @dataclasses.dataclass
@@ -148,3 +154,192 @@ async def test_an_orphaned_lock_does_not_hold_up_a_valid_token() -> None:
     assert parts.counted("lock_timeout") == 1
     assert parts.idp.calls == 0
     await parts.refresher.aclose()
+
+
+# -- item 4: back off from a failing IdP ------------------------------------------------
+
+
+class FlakyIdp:
+    """Counts refresh calls where they arrive; fails them while ``down``."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls: list[float] = []  # when each call arrived, on ``clock``
+        self.down = True
+
+    async def refresh(self, session: Session) -> TokenSet:
+        self.calls.append(self.clock())
+        if self.down:
+            raise IdpUnavailable("503")
+        return TokenSet(
+            access_token=f"access-{len(self.calls)}",
+            expires_at=self.clock() + 3600,
+            refresh_token=f"refresh-{len(self.calls)}",
+        )
+
+
+FIRST_S, MAX_S = 1.0, 30.0
+
+
+def nominal_s(attempts: int) -> float:
+    return min(MAX_S, FIRST_S * 2 ** (attempts - 1))
+
+
+@dataclasses.dataclass
+class Replicas:
+    """Two processes (each its Refresher and metrics) on one store, one clock, one IdP."""
+
+    clock: Clock
+    store: MemorySessionStore
+    idp: FlakyIdp
+    handle: SessionHandle
+    refreshers: list[Refresher]
+    metrics: list[Metrics]
+
+    async def request(self, replica: int) -> Session | RefreshUnavailableError:
+        session = await load(self.store, self.handle)
+        try:
+            return await self.refreshers[replica].ensure_fresh(self.handle, session)
+        except RefreshUnavailableError as exc:
+            return exc
+
+    async def backoff_until(self) -> float:
+        backoff = await self.store.load_backoff(self.handle)
+        assert backoff is not None
+        return backoff.until
+
+    async def aclose(self) -> None:
+        for refresher in self.refreshers:
+            await refresher.aclose()
+
+
+async def replicas_on_one_store(expires_in_s: float = -1.0) -> Replicas:
+    clock = Clock(1_000_000.0)
+    store = MemorySessionStore(SessionSettings(store="memory"), clock=clock)
+    handle = derive_handle(secrets.token_bytes(32))
+    await store.create(
+        handle,
+        Session(
+            subject="alice",
+            access_token="access-0",
+            access_expires_at=clock() + expires_in_s,
+            refresh_token="refresh-0",
+            created_at=clock(),
+        ),
+    )
+    idp = FlakyIdp(clock)
+    settings = RefreshSettings(
+        ahead_s=60, timeout_s=1, backoff_first_s=FIRST_S, backoff_max_s=MAX_S
+    )
+    metrics = [Metrics(), Metrics()]
+    refreshers = [Refresher(store, idp, settings, m, clock) for m in metrics]
+    return Replicas(clock, store, idp, handle, refreshers, metrics)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_backoff_grows_is_shared_and_ends_with_a_success() -> None:
+    replicas = await replicas_on_one_store()
+    clock, idp = replicas.clock, replicas.idp
+    for attempts in range(1, 8):
+        answer = await replicas.request(attempts % 2)  # the replicas take turns
+        assert isinstance(answer, RefreshUnavailableError)
+        assert len(idp.calls) == attempts
+        until = await replicas.backoff_until()
+        assert nominal_s(attempts) / 2 <= until - clock() <= nominal_s(attempts)
+        # Either replica, at any moment of the backoff: no call, Retry-After = what is left.
+        for replica, fraction in ((0, 0.0), (1, 0.5), (0, 0.9)):
+            clock.now = until - (until - clock.now) * (1 - fraction)
+            answer = await replicas.request(replica)
+            assert isinstance(answer, RefreshUnavailableError)
+            assert answer.headers()["Retry-After"] == str(max(1, math.ceil(until - clock())))
+        assert len(idp.calls) == attempts
+        clock.now = until
+    idp.down = False
+    answer = await replicas.request(0)
+    assert isinstance(answer, Session)
+    assert answer.access_token == "access-8"
+    assert await replicas.store.load_backoff(replicas.handle) is None
+    await replicas.aclose()
+
+
+async def test_a_valid_token_is_served_during_the_backoff_without_a_call() -> None:
+    replicas = await replicas_on_one_store(expires_in_s=30)  # inside ahead_s (60)
+    metrics = replicas.metrics[0]
+    session = await load(replicas.store, replicas.handle)
+    assert await replicas.refreshers[0].ensure_fresh(replicas.handle, session) is session
+    await loop_turns()  # the refresh, in the background, fails
+    assert len(replicas.idp.calls) == 1
+    assert sample(metrics, "tokengate_refresh_backoff_sessions") == 1
+    for _ in range(5):
+        assert await replicas.refreshers[0].ensure_fresh(replicas.handle, session) is session
+    assert len(replicas.idp.calls) == 1
+    assert sample(metrics, "tokengate_refresh_total", result="backoff") == 5
+    replicas.clock.now = await replicas.backoff_until()
+    replicas.idp.down = False
+    assert await replicas.refreshers[0].ensure_fresh(replicas.handle, session) is session
+    await loop_turns()
+    assert (await load(replicas.store, replicas.handle)).access_token == "access-2"
+    assert sample(metrics, "tokengate_refresh_backoff_sessions") == 0
+    await replicas.aclose()
+
+
+@pytest.mark.parametrize("attempts", range(1, 12))
+@given(jitter=st.floats(min_value=0.5, max_value=1.0))
+def test_each_interval_is_between_half_and_all_of_the_doubling_schedule(
+    attempts: int, jitter: float
+) -> None:
+    interval = interval_s(attempts, FIRST_S, MAX_S, jitter)
+    assert nominal_s(attempts) / 2 <= interval <= nominal_s(attempts) <= MAX_S
+    assert retry_after_s(interval) == max(1, math.ceil(interval))
+
+
+# Each step: how far the clock moves, which replica a request reaches, whether the IdP is up.
+BACKOFF_STEPS = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=40),
+        st.integers(min_value=0, max_value=1),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@given(steps=BACKOFF_STEPS)
+async def test_calls_at_a_failing_idp_keep_to_the_backoff_schedule(
+    steps: list[tuple[float, int, bool]],
+) -> None:
+    replicas = await replicas_on_one_store()
+    clock, idp = replicas.clock, replicas.idp
+    failures = 0  # consecutive, before the call being checked
+    last_call = 0.0
+    forgotten_at = float("inf")  # the store keeps a backoff MAX_S past its end
+    for advance_s, replica, up in steps:
+        clock.now += advance_s
+        idp.down = not up
+        if clock.now >= forgotten_at:
+            failures = 0
+        calls_before = len(idp.calls)
+        answer = await replicas.request(replica)
+        if len(idp.calls) > calls_before:
+            if failures:
+                assert clock.now - last_call >= nominal_s(failures) / 2
+            last_call = clock.now
+            failures = 0 if up else failures + 1
+        if isinstance(answer, RefreshUnavailableError):
+            backoff = await replicas.store.load_backoff(replicas.handle)
+            assert backoff is not None
+            assert backoff.attempts == failures
+            forgotten_at = backoff.until + MAX_S
+            expected = max(1, math.ceil(backoff.until - clock.now))
+            assert answer.headers()["Retry-After"] == str(expected)
+        else:
+            # A success: a fresh token (valid an hour) that needs no refresh for a while.
+            assert up or answer.access_expires_at > clock.now
+            await replicas.store.save(
+                replicas.handle, dataclasses.replace(answer, access_expires_at=clock.now - 1)
+            )
+    await replicas.aclose()
