@@ -19,7 +19,7 @@ from gateway.admin import Readiness
 from gateway.auth import Authenticator
 from gateway.bff.capture import TokenCapture
 from gateway.bff.login import LoginEndpoints
-from gateway.bff.logout import LogoutEndpoints
+from gateway.bff.logout import BackchannelLogout, Logout, SessionInfo
 from gateway.errors import MethodNotAllowedError, NotFoundError
 from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
@@ -58,7 +58,9 @@ STORE: web.AppKey[SessionStore] = web.AppKey("session_store")
 REFRESHER = web.AppKey("refresher", Refresher)
 SESSIONS = web.AppKey("session_authenticator", SessionAuthenticator)
 LOGIN = web.AppKey("login", LoginEndpoints)
-LOGOUT = web.AppKey("logout", LogoutEndpoints)
+SESSION_INFO = web.AppKey("session_info", SessionInfo)
+LOGOUT = web.AppKey("logout", Logout)
+BACKCHANNEL_LOGOUT = web.AppKey("backchannel_logout", BackchannelLogout)
 CAPTURE = web.AppKey("capture", TokenCapture)
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -116,7 +118,7 @@ async def token_keys(app: web.Application) -> AsyncIterator[None]:
     jwks = JwksCache(settings.oidc, discovery, app[IDP_HTTP], app[METRICS])
     app[DISCOVERY] = discovery
     app[JWKS] = jwks
-    app[VALIDATOR] = TokenValidator(settings.oidc, jwks, app[METRICS])
+    app[VALIDATOR] = TokenValidator(settings.oidc, jwks, app[METRICS], clock=app[CLOCK])
 
     async def keys_loaded() -> bool:
         return jwks.ready
@@ -136,7 +138,7 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         return
     store: SessionStore
     if settings.session.store == "memory":
-        store = MemorySessionStore(settings.session)
+        store = MemorySessionStore(settings.session, clock=app[CLOCK])
         log.warning("memory_session_store", extra={"note": "one replica only; lost on restart"})
     else:
         # Imported here: redis-py is 5 MiB of every process's memory, and a sidecar that
@@ -144,7 +146,7 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         from gateway.sessions.redis_store import RedisSessionStore, build_redis
 
         redis_store = RedisSessionStore(
-            settings.session, build_redis(settings.session), app[METRICS]
+            settings.session, build_redis(settings.session), app[METRICS], clock=app[CLOCK]
         )
         redis_store.start()  # follows invalidations for its local cache; aclose stops it
         store = redis_store
@@ -188,18 +190,31 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
     validator = app.get(VALIDATOR)
     if settings.uses_oidc_login and validator is not None:
         app[LOGIN] = LoginEndpoints(
-            settings, discovery, oauth, validator, store, cookies, metrics, app[CLOCK]
+            settings.oidc,
+            discovery,
+            oauth,
+            validator,
+            store,
+            cookies,
+            metrics,
+            app[CLOCK],
+            redirect_uri=settings.redirect_uri,
+            login_timeout_s=settings.session.login_timeout_s,
         )
-    app[LOGOUT] = LogoutEndpoints(
-        settings,
-        discovery,
-        oauth,
-        validator,
+    app[SESSION_INFO] = SessionInfo(authenticator, cookies, settings.session.absolute_timeout_s)
+    app[LOGOUT] = Logout(
+        authenticator,
         store,
         cookies,
-        authenticator,
+        discovery,
+        oauth,
         metrics,
+        client_id=settings.oidc.client_id,
+        after_logout_url=settings.oidc.post_logout_redirect_uri or f"{settings.public_url}/",
         end_grant=None if json_api is None else json_api.logout,
+    )
+    app[BACKCHANNEL_LOGOUT] = BackchannelLogout(
+        validator, store, metrics, client_id=settings.oidc.client_id, clock=app[CLOCK]
     )
     app[CAPTURE] = TokenCapture(
         store,
@@ -253,13 +268,13 @@ def add_auth_routes(
         return await request.app[LOGIN].callback(request)
 
     async def session_info(request: web.Request) -> web.StreamResponse:
-        return await request.app[LOGOUT].session_info(request)
+        return await request.app[SESSION_INFO].session_info(request)
 
     async def logout(request: web.Request) -> web.StreamResponse:
         return await request.app[LOGOUT].logout(request)
 
     async def backchannel_logout(request: web.Request) -> web.StreamResponse:
-        return await request.app[LOGOUT].backchannel_logout(request)
+        return await request.app[BACKCHANNEL_LOGOUT].backchannel_logout(request)
 
     app.router.add_get("/auth/session", wrap(session_info))
     app.router.add_post("/auth/logout", wrap(logout))

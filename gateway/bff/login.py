@@ -31,7 +31,7 @@ from gateway.principal import parse_scopes
 from gateway.sessions.cookie import SessionCookies, encode_secret, new_secret
 from gateway.sessions.crypto import derive_handle, digest
 from gateway.sessions.model import LoginState, Session, SessionStore
-from gateway.settings import Settings
+from gateway.settings import OidcSettings
 from gateway.tokens.jws import ID_TOKEN_TYPES
 from gateway.tokens.validator import TokenValidator
 
@@ -79,7 +79,7 @@ def redirect(location: str) -> web.Response:
 class LoginEndpoints:
     def __init__(
         self,
-        settings: Settings,
+        oidc: OidcSettings,
         discovery: Discovery,
         oauth: OAuth2Client,
         validator: TokenValidator,
@@ -87,8 +87,13 @@ class LoginEndpoints:
         cookies: SessionCookies,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        *,
+        redirect_uri: str,
+        login_timeout_s: int,
     ) -> None:
-        self._settings = settings
+        self._oidc = oidc
+        self._redirect_uri = redirect_uri
+        self._login_timeout_s = login_timeout_s
         self._discovery = discovery
         self._oauth = oauth
         self._validator = validator
@@ -105,7 +110,7 @@ class LoginEndpoints:
         metadata = await self._discovery.load()
         if metadata.authorization_endpoint is None:
             raise IdpError("the IdP advertises no authorization endpoint")
-        oidc = self._settings.oidc
+        oidc = self._oidc
         # One binding cookie per browser, reused so logins in several tabs do not clash.
         binding = self._cookies.login_secret(request) or new_secret()
         state = secrets.token_urlsafe(32)
@@ -119,12 +124,12 @@ class LoginEndpoints:
             created_at=self._clock(),
         )
         await self._store.put_login_state(
-            state, derive_handle(binding).key, pending, self._settings.session.login_timeout_s
+            state, derive_handle(binding).key, pending, self._login_timeout_s
         )
         params: dict[str, str] = {
             "response_type": "code",
             "client_id": oidc.client_id,
-            "redirect_uri": self._settings.redirect_uri,
+            "redirect_uri": self._redirect_uri,
             "scope": " ".join(oidc.scopes),
             "state": state,
             "nonce": nonce,
@@ -159,13 +164,13 @@ class LoginEndpoints:
         pending = await self._store.take_login_state(state, derive_handle(binding).key)
         if pending is None or pending.binding != digest(encode_secret(binding)):
             raise LoginStateError()
-        oidc = self._settings.oidc
+        oidc = self._oidc
         issuer = query.get("iss")
         if issuer is not None and oidc.issuer is not None and issuer.rstrip("/") != oidc.issuer:
             raise LoginStateError("the callback came from another issuer")  # RFC 9207 §2.4
         try:
             tokens = await self._oauth.exchange_code(
-                code, pending.code_verifier, self._settings.redirect_uri
+                code, pending.code_verifier, self._redirect_uri
             )
         except RefreshRejected:
             raise LoginStateError("the authorization code was refused; log in again") from None
@@ -177,7 +182,7 @@ class LoginEndpoints:
         now = self._clock()
         access_claims = parse_unverified_claims(tokens.access_token)
         scopes = tokens.scopes or tuple(sorted(parse_scopes(access_claims)))
-        keep = self._settings.oidc.claims_in_session
+        keep = self._oidc.claims_in_session
         session = Session(
             subject=str(claims["sub"]),
             access_token=tokens.access_token,
@@ -197,7 +202,7 @@ class LoginEndpoints:
 
     async def validate_id_token(self, id_token: str, nonce: str) -> dict[str, Any]:
         """OIDC Core §3.1.3.7: signature, iss, aud, exp, iat, nonce, and azp where present."""
-        client_id = self._settings.oidc.client_id
+        client_id = self._oidc.client_id
         try:
             claims = await self._validator.verify_jwt(
                 id_token,

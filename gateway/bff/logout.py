@@ -22,7 +22,6 @@ from gateway.metrics import Metrics
 from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.model import Session, SessionStore
-from gateway.settings import Settings
 from gateway.tokens.jws import LOGOUT_TOKEN_TYPES
 from gateway.tokens.validator import TokenValidator
 
@@ -33,32 +32,16 @@ _LOGOUT_TOKEN_MAX_AGE_S = 300.0
 _JTI_MEMORY_S = 900
 
 
-class LogoutEndpoints:
+class SessionInfo:
+    """``GET /auth/session``: whether the browser is logged in, its claims, when the session
+    ends at the latest. Never a token."""
+
     def __init__(
-        self,
-        settings: Settings,
-        discovery: Discovery,
-        oauth: OAuth2Client,
-        validator: TokenValidator | None,
-        store: SessionStore,
-        cookies: SessionCookies,
-        sessions: SessionAuthenticator,
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-        *,
-        end_grant: Callable[[Session], Awaitable[bool]] | None = None,
+        self, sessions: SessionAuthenticator, cookies: SessionCookies, absolute_timeout_s: int
     ) -> None:
-        self._settings = settings
-        self._discovery = discovery
-        self._oauth = oauth
-        self._validator = validator
-        self._store = store
-        self._cookies = cookies
         self._sessions = sessions
-        self._metrics = metrics
-        self._clock = clock
-        self._end_grant = end_grant  # a custom token API's logout, instead of RFC 7009
-        self._after_logout = settings.oidc.post_logout_redirect_uri or f"{settings.public_url}/"
+        self._cookies = cookies
+        self._absolute_timeout_s = absolute_timeout_s
 
     async def session_info(self, request: web.Request) -> web.StreamResponse:
         if not self._cookies.has_session_cookie(request):
@@ -73,9 +56,37 @@ class LogoutEndpoints:
         body: dict[str, Any] = {
             "authenticated": True,
             "claims": dict(session.claims),
-            "expires_at": int(session.created_at + self._settings.session.absolute_timeout_s),
+            "expires_at": int(session.created_at + self._absolute_timeout_s),
         }
         return no_store(web.json_response(body))
+
+
+class Logout:
+    """``POST /auth/logout``: the session ends here; the grant is revoked (RFC 7009) or a
+    custom API's logout called, best effort; the browser gets the IdP's end-session URL."""
+
+    def __init__(
+        self,
+        sessions: SessionAuthenticator,
+        store: SessionStore,
+        cookies: SessionCookies,
+        discovery: Discovery,
+        oauth: OAuth2Client,
+        metrics: Metrics,
+        *,
+        client_id: str,
+        after_logout_url: str,
+        end_grant: Callable[[Session], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._cookies = cookies
+        self._discovery = discovery
+        self._oauth = oauth
+        self._metrics = metrics
+        self._client_id = client_id
+        self._after_logout = after_logout_url
+        self._end_grant = end_grant  # a custom token API's logout, instead of RFC 7009
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         form_post = request.content_type == "application/x-www-form-urlencoded"
@@ -123,12 +134,32 @@ class LogoutEndpoints:
         if metadata.end_session_endpoint is None:
             return self._after_logout
         params = {
-            "client_id": self._settings.oidc.client_id,
+            "client_id": self._client_id,
             "post_logout_redirect_uri": self._after_logout,
         }
         if id_token:
             params["id_token_hint"] = id_token
         return f"{metadata.end_session_endpoint}?{urlencode(params)}"
+
+
+class BackchannelLogout:
+    """``POST /auth/backchannel-logout`` from the IdP (OpenID Connect Back-Channel Logout
+    1.0): a verified logout token ends the sessions of its ``sid``, else of its ``sub``."""
+
+    def __init__(
+        self,
+        validator: TokenValidator | None,
+        store: SessionStore,
+        metrics: Metrics,
+        *,
+        client_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._validator = validator
+        self._store = store
+        self._metrics = metrics
+        self._client_id = client_id
+        self._clock = clock
 
     async def backchannel_logout(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
@@ -153,7 +184,7 @@ class LogoutEndpoints:
         try:
             claims = await self._validator.verify_jwt(
                 token,
-                audience=(self._settings.oidc.client_id,),
+                audience=(self._client_id,),
                 require=["iss", "aud", "iat", "jti", "events"],
                 token_types=LOGOUT_TOKEN_TYPES,  # BCL 1.0 §2.4: typ logout+jwt, if any
             )
