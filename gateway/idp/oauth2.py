@@ -153,6 +153,7 @@ class OAuth2Client:
         """RFC 7523 §3: a short-lived JWT signed with our private key, one use (jti)."""
         oidc = self._oidc
         assert oidc.private_key is not None  # checked by the settings
+        # Real time, not the app's clock: the IdP checks iat and exp against its own.
         now = int(time.time())
         claims = {
             "iss": oidc.client_id,
