@@ -12,12 +12,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -53,6 +54,14 @@ _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+
+
+def _one_or_many(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
+
+
+# A list of strings that may be written as one string (`audience: https://api`).
+OneOrMany = Annotated[tuple[str, ...], BeforeValidator(_one_or_many)]
 
 
 class ConfigError(Exception):
@@ -160,7 +169,7 @@ class OidcSettings(Section):
     private_key_alg: Literal["RS256", "PS256", "ES256", "EdDSA"] = "RS256"
     post_logout_redirect_uri: str | None = None  # default: {public_url}/
     scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
-    audience: tuple[str, ...] = ()
+    audience: OneOrMany = ()
     algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
     leeway_s: float = Field(30.0, ge=0, le=300)
     timeout_s: float = Field(5.0, gt=0, le=60)
@@ -180,11 +189,6 @@ class OidcSettings(Section):
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return None if value is None else parse_http_url(value, allow_http=False)
-
-    @field_validator("audience", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
 
     @field_validator("algorithms")
     @classmethod
@@ -443,12 +447,7 @@ class ForwardedSettings(Section):
     # set_real_ip_from. From such a peer the forwarding headers (Forwarded, X-Real-IP,
     # X-Forwarded-*) are passed on and the peer appended to X-Forwarded-For; from any other
     # peer they are removed and ours set. Identity headers are never taken from anyone.
-    trusted_proxies: tuple[str, ...] = ()
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, str) else value
+    trusted_proxies: OneOrMany = ()
 
     @field_validator("trusted_proxies")
     @classmethod
