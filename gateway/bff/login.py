@@ -107,7 +107,10 @@ class LoginEndpoints:
         return_to = parse_return_to(request.query.get("return_to"))
         if return_to is None:
             raise BadRequestError("return_to must be a path on this site")
-        metadata = await self._discovery.load()
+        try:
+            metadata = await self._discovery.load()
+        except IdpUnavailable:
+            raise IdpError("the identity provider's discovery document is unavailable") from None
         if metadata.authorization_endpoint is None:
             raise IdpError("the IdP advertises no authorization endpoint")
         oidc = self._oidc

@@ -15,9 +15,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from gateway.bff.login import no_store
-from gateway.errors import BadRequestError, CsrfError, GatewayError, IdpError, NotFoundError
+from gateway.errors import BadRequestError, CsrfError, GatewayError, NotFoundError
 from gateway.idp.discovery import Discovery
 from gateway.idp.oauth2 import OAuth2Client
+from gateway.idp.tokens import IdpUnavailable
 from gateway.metrics import Metrics
 from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.cookie import SessionCookies
@@ -114,7 +115,7 @@ class Logout:
                 await self._end_grant(session)  # best effort, like revocation
             elif session.refresh_token:
                 # RP-initiated logout does not end offline grants at every IdP: revoke ours.
-                with contextlib.suppress(IdpError):
+                with contextlib.suppress(IdpUnavailable):
                     await self._oauth.revoke(session.refresh_token, "refresh_token")
             logout_url = await self._end_session_url(session.id_token)
         if form_post:
@@ -129,7 +130,7 @@ class Logout:
     async def _end_session_url(self, id_token: str | None) -> str:
         try:
             metadata = await self._discovery.load()
-        except IdpError:
+        except IdpUnavailable:
             return self._after_logout
         if metadata.end_session_endpoint is None:
             return self._after_logout

@@ -1,7 +1,9 @@
 """OpenID Connect Discovery 1.0: fetch and check the provider's metadata once, on demand.
 
 The metadata is cached for the life of the process (endpoints do not move under a running
-deployment); a failed fetch is retried by the next caller. Keys are ``tokens.jwks``'s job.
+deployment); a failed fetch is retried by the next caller. Failures are ``IdpUnavailable``,
+the ``idp`` package's own; ``bff`` and ``sessions`` decide what a client sees. Keys are
+``tokens.jwks``'s job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.errors import IdpError
+from gateway.idp.tokens import IdpUnavailable
 from gateway.settings import OidcSettings
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,15 @@ class ProviderMetadata:
     @classmethod
     def parse(cls, data: Any, expected_issuer: str | None) -> ProviderMetadata:
         if not isinstance(data, dict):
-            raise IdpError("discovery document is not a JSON object")
+            raise IdpUnavailable("discovery document is not a JSON object")
         issuer = data.get("issuer")
         jwks_uri = data.get("jwks_uri")
         if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
-            raise IdpError("discovery document lacks issuer or jwks_uri")
+            raise IdpUnavailable("discovery document lacks issuer or jwks_uri")
         # OIDC Discovery §4.3: the issuer in the document must equal the one configured,
         # or an attacker-controlled document could vouch for foreign tokens.
         if expected_issuer is not None and issuer.rstrip("/") != expected_issuer.rstrip("/"):
-            raise IdpError("discovery issuer does not match oidc.issuer")
+            raise IdpUnavailable("discovery issuer does not match oidc.issuer")
 
         def opt(name: str) -> str | None:
             value = data.get(name)
@@ -82,18 +84,20 @@ class Discovery:
         url = settings.effective_discovery_url
         if url is None:
             if settings.jwks_uri is None:
-                raise IdpError("neither oidc.issuer nor oidc.jwks_uri is configured")
+                raise IdpUnavailable("neither oidc.issuer nor oidc.jwks_uri is configured")
             return ProviderMetadata(issuer=settings.issuer or "", jwks_uri=settings.jwks_uri)
         try:
             async with self._http.get(
                 url, timeout=aiohttp.ClientTimeout(total=settings.timeout_s)
             ) as resp:
                 if resp.status != 200:
-                    raise IdpError(f"discovery answered HTTP {resp.status}")
+                    raise IdpUnavailable(f"discovery answered HTTP {resp.status}")
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("discovery_failed", extra={"error_type": type(exc).__name__})
-            raise IdpError("the identity provider's discovery document is unavailable") from exc
+            raise IdpUnavailable(
+                "the identity provider's discovery document is unavailable"
+            ) from exc
         metadata = ProviderMetadata.parse(data, settings.issuer)
         if settings.jwks_uri:
             metadata = dataclasses.replace(metadata, jwks_uri=settings.jwks_uri)

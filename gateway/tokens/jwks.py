@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 import jwt
 
-from gateway.errors import IdpError, InvalidTokenError
+from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
+from gateway.idp.tokens import IdpUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import OidcSettings
 from gateway.single_flight import SingleFlight
@@ -73,10 +74,10 @@ class SigningKey:
 
 def parse_jwks(data: Any) -> tuple[SigningKey, ...]:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise IdpError("the JWKS document has no 'keys' array")
+        raise IdpUnavailable("the JWKS document has no 'keys' array")
     keys = tuple(k for jwk in data["keys"] if isinstance(jwk, dict) if (k := SigningKey.parse(jwk)))
     if not keys:
-        raise IdpError("the JWKS document has no usable signing key")
+        raise IdpUnavailable("the JWKS document has no usable signing key")
     return keys
 
 
@@ -143,7 +144,7 @@ class JwksCache:
             if now - self._last_kid_refetch_at < self._settings.jwks_refetch_interval_s:
                 raise InvalidTokenError("the token's signing key is unknown")
             self._last_kid_refetch_at = now
-        with contextlib.suppress(IdpError):
+        with contextlib.suppress(IdpUnavailable):
             await self.refresh()
         key = self._lookup(kid, alg)
         if key is None:
@@ -170,16 +171,16 @@ class JwksCache:
                 metadata.jwks_uri, timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s)
             ) as resp:
                 if resp.status != 200:
-                    raise IdpError(f"JWKS answered HTTP {resp.status}")
+                    raise IdpUnavailable(f"JWKS answered HTTP {resp.status}")
                 data = await resp.json(content_type=None)
                 cache_control = resp.headers.get("Cache-Control")
             keys = parse_jwks(data)
-        except (aiohttp.ClientError, TimeoutError, ValueError, IdpError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, IdpUnavailable) as exc:
             self._metrics.jwks_fetch_total.labels(result="error").inc()
             log.warning("jwks_fetch", extra={"result": "error", "error_type": type(exc).__name__})
-            if isinstance(exc, IdpError):
+            if isinstance(exc, IdpUnavailable):
                 raise
-            raise IdpError("the JWKS could not be fetched") from exc
+            raise IdpUnavailable("the JWKS could not be fetched") from exc
         fingerprint = repr(sorted(repr(k) for k in data["keys"]))
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
@@ -196,7 +197,7 @@ class JwksCache:
             try:
                 delay_s = await self.refresh()
                 backoff_s = 1.0
-            except IdpError:
+            except IdpUnavailable:
                 delay_s, backoff_s = backoff_s, min(backoff_s * 2, _MAX_BACKOFF_S)
             self.next_refresh_in_s = delay_s
             await asyncio.sleep(delay_s)

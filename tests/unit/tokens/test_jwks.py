@@ -11,8 +11,9 @@ from aiohttp.test_utils import TestClient
 
 from gateway.admin import Readiness, build_admin_app
 from gateway.app import JWKS, build_app
-from gateway.errors import IdpError, InvalidTokenError
+from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
+from gateway.idp.tokens import IdpUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import OidcSettings, parse_settings
 from gateway.tokens.jwks import JwksCache, parse_jwks, parse_max_age
@@ -86,7 +87,7 @@ async def test_failed_fetch_keeps_previous_keys(cache_parts: Any, issuer: FakeIs
     generation = cache.generation
     original_jwks = issuer.jwks
     issuer.jwks = lambda: {"nope": []}  # type: ignore[method-assign]
-    with pytest.raises(IdpError):
+    with pytest.raises(IdpUnavailable):
         await cache.refresh()
     issuer.jwks = original_jwks  # type: ignore[method-assign]
     assert cache.ready
@@ -117,7 +118,7 @@ def test_symmetric_encryption_and_mismatched_keys_are_never_used(issuer: FakeIss
         }
     )
     assert [k.kid for k in keys] == ["good"]
-    with pytest.raises(IdpError):
+    with pytest.raises(IdpUnavailable):
         parse_jwks({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]})
 
 
@@ -145,7 +146,7 @@ async def test_not_ready_until_keys_are_loaded(aiohttp_client: Any, issuer: Fake
     )
     await aiohttp_client(app)
     admin = await aiohttp_client(build_admin_app(readiness, metrics))
-    with pytest.raises(IdpError):
+    with pytest.raises(IdpUnavailable):
         await app[JWKS].refresh()
     assert (await admin.get("/readyz")).status == 503
     issuer.keys = published
