@@ -365,7 +365,8 @@ def check_reply(stack: Stack, raw: bytes, reply: Reply | None) -> None:
     if reply is None:
         return  # the server closed without a word: allowed for a request cut off mid-body
     assert 100 <= reply.status < 500, (raw[:200], reply.status, reply.body[:300])
-    assert "aiohttp" not in reply.headers.get("server", "").lower()
+    if reply.status >= 400:  # ours (the fake upstream answers 200): no version banner
+        assert "aiohttp" not in reply.headers.get("server", "").lower()
     for token in stack.tokens:
         assert token.encode() not in reply.body, "a credential was echoed"
     if reply.status >= 400:
