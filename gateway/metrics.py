@@ -97,6 +97,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.refresh_saves_pending = Gauge(
+            "tokengate_refresh_saves_pending",
+            "Refreshed sessions whose rotated tokens this process holds because the store "
+            "could not take them yet; written late (refresh_total saved_late) or lost "
+            "(save_lost) within the refresh lock's TTL.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.refresh_lock_wait_seconds = Histogram(
             "tokengate_refresh_lock_wait_seconds",
             "Time a request waited for a session's refresh (lock or single flight).",

@@ -113,11 +113,22 @@ class SessionAuthenticator:
         handle = self._cookies.handle_of(value)
         if handle is None:
             return None
-        session = await self._store.load(handle, cached=True)
+        session = await self._load_or_held(handle, cached=True)
         if session is None:
             self._principals.pop(handle.storage_id, None)
             return None
         return handle, session
+
+    async def _load_or_held(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
+        try:
+            return await self._store.load(handle, cached=cached)
+        except SessionStoreUnavailableError:
+            # A refresh whose write waits for the store (a failover) holds the session's
+            # only valid tokens: serve them; the store, once back, gets them too.
+            held = self._refresher.held(handle.storage_id)
+            if held is None:
+                raise
+            return held
 
     def expired(self) -> SessionExpiredError:
         return SessionExpiredError(
@@ -160,7 +171,7 @@ class SessionAuthenticator:
         if principal.handle is None:
             return None
         with self._store.deadline():  # a deadline of its own: the upstream took its time
-            session = await self._store.load(principal.handle)
+            session = await self._load_or_held(principal.handle)
             if session is None:
                 raise self.expired()
             if session.access_token == principal.access_token:

@@ -29,6 +29,7 @@ from gateway.idp.tokens import IdpUnavailable, RefreshDialect, RefreshRejected
 from gateway.metrics import Metrics
 from gateway.sessions.backoff import Backoffs, retry_after_s
 from gateway.sessions.deadline import detached
+from gateway.sessions.late_saves import LateSaves
 from gateway.sessions.model import RefreshBackoff, Session, SessionHandle, SessionStore
 from gateway.settings import RefreshSettings
 
@@ -55,6 +56,7 @@ class Refresher:
         self._clock = clock
         self._flights: dict[str, asyncio.Task[Session]] = {}
         self._backoffs = Backoffs(settings, metrics, clock)
+        self._late = LateSaves(store, settings, metrics)
 
     def needs_refresh(self, session: Session) -> bool:
         return session.access_expires_at - self._settings.ahead_s <= self._clock()
@@ -78,6 +80,7 @@ class Refresher:
         Inside the ahead window a token still valid for a moment is returned at once, and
         the refresh runs in the background; only an expired token, or a forced refresh
         (whose caller replays with the new token), waits for it."""
+        session = self._late.newest(handle.storage_id, session)
         if not self._wants_refresh(session, force):
             if force:
                 self._metrics.refresh_total.labels(result="forced_too_soon").inc()
@@ -108,14 +111,20 @@ class Refresher:
         finally:
             self._metrics.refresh_lock_wait_seconds.observe(time.perf_counter() - started)
 
+    def held(self, storage_id: str) -> Session | None:
+        """The refreshed session this process holds while the store cannot take it yet."""
+        return self._late.held(storage_id)
+
     async def aclose(self) -> None:
-        """Let flights in progress land (they carry rotated refresh tokens), then stop."""
+        """Let flights in progress land (they carry rotated refresh tokens), make one last
+        attempt at each late write, then stop."""
         flights = list(self._flights.values())
         if flights:
             await asyncio.wait(flights, timeout=self._settings.timeout_s + 1)
         for flight in flights:
             flight.cancel()
         await asyncio.gather(*flights, return_exceptions=True)
+        await self._late.aclose()
         self._backoffs.close()
 
     def _land(self, storage_id: str, task: asyncio.Task[Session]) -> None:
@@ -145,15 +154,17 @@ class Refresher:
                 self._metrics.refresh_total.labels(result="backoff").inc()
                 return self._serve_stale(current, retry_after_s(backoff.until - self._clock()))
             token = secrets.token_urlsafe(18)  # a fresh lock token per acquisition
+            locked_at = asyncio.get_running_loop().time()  # no later than the lock's start
             if await store.acquire_lock(handle, token, self._settings.lock_ttl_s):
                 try:
                     current = await self._reload(handle)
                     if self._is_fresh(current, seen, force):
                         self._metrics.refresh_total.labels(result="already_fresh").inc()
                         return current
-                    return await self._call_idp(handle, current, backoff)
+                    return await self._call_idp(handle, current, backoff, token, locked_at)
                 finally:
-                    await self._release(handle, token)
+                    if not self._late.owns_lock(handle.storage_id, token):
+                        await self._release(handle, token)
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 await store.wait_for_unlock(handle, remaining)
@@ -173,11 +184,18 @@ class Refresher:
     async def _reload(self, handle: SessionHandle) -> Session:
         current = await self._store.load(handle)
         if current is None:
-            raise SessionExpiredError()
-        return current
+            raise SessionExpiredError()  # ended, even with a late write pending: it loses
+        # A replica whose lock a failover lost may reach here while this process still holds
+        # the rotated tokens: the stored session's refresh token is spent; use ours.
+        return self._late.newest(handle.storage_id, current)
 
     async def _call_idp(
-        self, handle: SessionHandle, current: Session, backoff: RefreshBackoff | None
+        self,
+        handle: SessionHandle,
+        current: Session,
+        backoff: RefreshBackoff | None,
+        token: str,
+        locked_at: float,
     ) -> Session:
         try:
             async with asyncio.timeout(self._settings.timeout_s):
@@ -201,7 +219,13 @@ class Refresher:
             scopes=tokens.scopes,
             refreshed_at=self._clock(),
         )
-        saved = await self._store.save(handle, updated)
+        try:
+            saved = await self._store.save(handle, updated)
+        except SessionStoreUnavailableError:
+            # The IdP has rotated the tokens: from now on they are the only valid ones. Keep
+            # them, and the lock, until the store takes them; serve them meanwhile.
+            self._late.hold(handle, updated, token, locked_at)
+            return updated
         if saved is None:
             # Compare-and-set lost: the session was ended (logout) or rewritten meanwhile.
             self._metrics.refresh_total.labels(result="conflict").inc()

@@ -14,18 +14,22 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import RefreshUnavailableError
+from gateway.errors import RefreshUnavailableError, SessionStoreUnavailableError
 from gateway.idp.tokens import IdpUnavailable, TokenSet
 from gateway.metrics import Metrics
+from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.backoff import interval_s, retry_after_s
+from gateway.sessions.cookie import SessionCookies, encode_secret
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.refresh import Refresher
-from gateway.settings import RefreshSettings, SessionSettings
+from gateway.settings import CsrfSettings, RefreshSettings, SessionSettings
+from tests.unit.sessions.test_authenticator import ROUTE
 from tests.unit.sessions.test_refresh import Clock, ScriptedIdp, load
 
 
@@ -343,3 +347,177 @@ async def test_calls_at_a_failing_idp_keep_to_the_backoff_schedule(
                 replicas.handle, dataclasses.replace(answer, access_expires_at=clock.now - 1)
             )
     await replicas.aclose()
+
+
+# -- item 1: a rotated refresh token is never dropped ------------------------------------
+
+
+class FlakyStore(MemorySessionStore):
+    """The memory store, whose writes (and, with ``loads_fail``, reads) fail while
+    ``failing_saves`` lasts, as Redis does in a failover; counts writes where they land."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__(SessionSettings(store="memory"), **({"clock": clock} if clock else {}))
+        self.failing_saves = 0  # the next this many saves fail; -1: all of them
+        self.loads_fail = False
+        self.written: list[Session] = []
+        self.landed = asyncio.Event()
+
+    async def save(self, handle: SessionHandle, session: Session) -> Session | None:
+        if self.failing_saves:
+            self.failing_saves -= self.failing_saves > 0
+            raise SessionStoreUnavailableError()
+        saved = await super().save(handle, session)
+        if saved is not None:
+            self.written.append(saved)
+            self.landed.set()
+        return saved
+
+    async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
+        if self.loads_fail and self.failing_saves:
+            raise SessionStoreUnavailableError()
+        return await super().load(handle, cached=cached)
+
+
+@dataclasses.dataclass
+class LateParts:
+    store: FlakyStore
+    idp: ScriptedIdp
+    refresher: Refresher
+    handle: SessionHandle
+    metrics: Metrics
+    stale: Session
+
+    def counted(self, result: str) -> float:
+        return sample(self.metrics, "tokengate_refresh_total", result=result)
+
+
+async def late_parts(timeout_s: float = 1.0) -> LateParts:
+    store = FlakyStore()
+    handle = derive_handle(secrets.token_bytes(32))
+    await store.create(
+        handle,
+        Session(
+            subject="alice",
+            access_token="access-0",
+            access_expires_at=time.time() - 1,  # expired: requests wait for the refresh
+            refresh_token="refresh-0",
+            created_at=time.time(),
+        ),
+    )
+    metrics = Metrics()
+    idp = ScriptedIdp()
+    refresher = Refresher(store, idp, RefreshSettings(ahead_s=60, timeout_s=timeout_s), metrics)
+    return LateParts(store, idp, refresher, handle, metrics, await load(store, handle))
+
+
+async def test_a_rotated_token_is_saved_late_and_served_meanwhile() -> None:
+    parts = await late_parts()
+    parts.store.failing_saves = 3
+    refreshed = await parts.refresher.ensure_fresh(parts.handle, parts.stale)
+    assert (refreshed.access_token, refreshed.refresh_token) == ("access-1", "refresh-1")
+    assert parts.store.written == []  # not stored yet
+    # Requests still reading the old session (expired, its refresh token spent) get the
+    # rotated tokens at once, and never refresh with the spent one.
+    for _ in range(5):
+        served = await parts.refresher.ensure_fresh(parts.handle, parts.stale)
+        assert served.access_token == "access-1"
+    assert sample(parts.metrics, "tokengate_refresh_saves_pending") == 1
+    await asyncio.wait_for(parts.store.landed.wait(), timeout=5)
+    await parts.store.wait_for_unlock(parts.handle, 5)  # the late write let the lock go
+    assert [s.refresh_token for s in parts.store.written] == ["refresh-1"]
+    assert (await load(parts.store, parts.handle)).version == parts.stale.version + 1
+    assert parts.idp.calls == 1
+    await parts.refresher.aclose()
+    assert parts.counted("saved_late") == 1
+    assert parts.counted("save_lost") == 0
+    assert sample(parts.metrics, "tokengate_refresh_saves_pending") == 0
+    assert parts.refresher.held(parts.handle.storage_id) is None
+
+
+async def test_a_write_that_cannot_be_made_within_the_lock_ttl_is_lost_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parts = await late_parts(timeout_s=0.1)  # lock TTL 2.2 s: writes retried for 1.2 s
+    parts.store.failing_saves = -1
+    started = time.monotonic()
+    refreshed = await parts.refresher.ensure_fresh(parts.handle, parts.stale)
+    assert refreshed.access_token == "access-1"
+    await parts.store.wait_for_unlock(parts.handle, 5)  # given up, and the lock released
+    assert 1.0 < time.monotonic() - started < 2.2
+    assert parts.counted("save_lost") == 1
+    assert parts.refresher.held(parts.handle.storage_id) is None
+    lost = [r for r in caplog.records if r.getMessage() == "refresh_save_lost"]
+    assert [r.levelname for r in lost] == ["ERROR"]
+    assert "access-1" not in caplog.text
+    assert "refresh-1" not in caplog.text
+    await parts.refresher.aclose()
+    assert sample(parts.metrics, "tokengate_refresh_saves_pending") == 0
+
+
+async def test_a_write_pending_at_shutdown_gets_one_last_attempt() -> None:
+    parts = await late_parts()
+    parts.store.failing_saves = -1
+    await parts.refresher.ensure_fresh(parts.handle, parts.stale)
+    parts.store.failing_saves = 0  # the store is back as the process stops
+    started = time.monotonic()
+    await parts.refresher.aclose()
+    assert time.monotonic() - started < 0.5
+    assert [s.refresh_token for s in parts.store.written] == ["refresh-1"]
+    assert parts.counted("saved_late") == 1
+
+
+async def test_a_write_whose_reply_was_lost_counts_as_saved() -> None:
+    parts = await late_parts()
+
+    class LostReply(FlakyStore):
+        async def save(self, handle: SessionHandle, session: Session) -> Session | None:
+            saved = await MemorySessionStore.save(self, handle, session)
+            if self.failing_saves:  # written, but the reply never came back
+                self.failing_saves -= 1
+                raise SessionStoreUnavailableError()
+            return saved
+
+    store = LostReply()
+    handle = parts.handle
+    await store.create(handle, parts.stale)
+    refresher = Refresher(store, parts.idp, RefreshSettings(ahead_s=60, timeout_s=1), parts.metrics)
+    store.failing_saves = 1
+    stale = await load(store, handle)
+    assert (await refresher.ensure_fresh(handle, stale)).access_token == "access-1"
+    await store.wait_for_unlock(handle, 5)
+    await refresher.aclose()
+    assert (await load(store, handle)).refresh_token == "refresh-1"
+    assert parts.counted("saved_late") == 1
+    assert parts.counted("conflict") == 0
+
+
+async def test_requests_get_the_held_tokens_while_the_store_cannot_load() -> None:
+    parts = await late_parts()
+    parts.store.failing_saves = -1
+    secret = b"q" * 32
+    handle = derive_handle(secret)
+    await parts.store.create(handle, parts.stale)
+    settings = SessionSettings(store="memory")
+    authenticator = SessionAuthenticator(
+        SessionCookies(settings),
+        parts.store,
+        parts.refresher,
+        CsrfSettings(),
+        "https://app.example",
+        principals_kept=8,
+        absolute_timeout_s=settings.absolute_timeout_s,
+    )
+    await parts.refresher.ensure_fresh(handle, await load(parts.store, handle))  # write pending
+    parts.store.loads_fail = True  # Redis away: the request's own load fails too
+    cookie = f"{settings.cookie_name}={encode_secret(secret)}"
+    request = make_mocked_request("GET", "/api", headers={"Cookie": cookie, "X-CSRF": "1"})
+    principal = await authenticator.authenticate(request, ROUTE)
+    assert principal.access_token == "access-1"
+    other = b"o" * 32  # a session with no refresh held: the store's outage shows
+    cookie = f"{settings.cookie_name}={encode_secret(other)}"
+    request = make_mocked_request("GET", "/api", headers={"Cookie": cookie, "X-CSRF": "1"})
+    with pytest.raises(SessionStoreUnavailableError):
+        await authenticator.authenticate(request, ROUTE)
+    parts.store.failing_saves = 0
+    await parts.refresher.aclose()
