@@ -126,6 +126,13 @@ class Metrics:
             "Session store operations that failed.",
             registry=r,
         )
+        self.session_store_unreplicated_total = Counter(
+            "tokengate_session_store_unreplicated_total",
+            "Writes (lock: a refresh lock, session: a refreshed session) that fewer than "
+            "session.wait_replicas replicas acknowledged within session.wait_timeout_s.",
+            ("write",),
+            registry=r,
+        )
         self.session_cache_total = Counter(
             "tokengate_session_cache_total",
             "Session reads by how this process's local cache answered them.",

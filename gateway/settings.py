@@ -339,6 +339,13 @@ class SessionSettings(Section):
     # bench's session target ~10 points of throughput against 30 s (bench/README.md).
     local_cache_s: float = Field(30.0, ge=0, le=60)
     local_cache_size: int = Field(4096, ge=1)  # sessions (~3 KB each)
+    # After taking a refresh lock and after writing a refreshed session, wait (Redis WAIT)
+    # until this many replicas have the write, for up to wait_timeout_s; 0: do not wait.
+    # With Sentinel or Cluster, 1 keeps a failover from losing the lock or the rotated
+    # refresh token (replication is asynchronous) at the cost of a replica round trip per
+    # lock and per refresh; fewer acknowledgements are counted, and the refresh goes on.
+    wait_replicas: int = Field(0, ge=0)
+    wait_timeout_s: float = Field(0.2, gt=0)
 
     @field_validator("redis_url")
     @classmethod
@@ -366,6 +373,9 @@ class SessionSettings(Section):
         # timeout would let an active session's key expire under it.
         if self.local_cache_s >= self.idle_timeout_s:
             raise ValueError("local_cache_s must be < idle_timeout_s")
+        # WAIT blocks its connection: it must end before the command timeout cuts it.
+        if self.wait_timeout_s >= self.redis_timeout_s:
+            raise ValueError("wait_timeout_s must be < redis_timeout_s")
         return self
 
 

@@ -43,7 +43,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.event import EventDispatcher
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import SessionStoreUnavailableError
 from gateway.metrics import Metrics
@@ -372,6 +372,8 @@ class RedisSessionStore:
         self._metrics = metrics
         self._clock = clock
         self._timeout_s = settings.redis_timeout_s
+        self._wait_replicas = settings.wait_replicas
+        self._wait_timeout_ms = max(int(settings.wait_timeout_s * 1000), 1)
         self._prefix = settings.key_prefix
         self._channel = f"{settings.key_prefix}:invalidate"
         self._cache: LocalSessionCache | None = None
@@ -407,6 +409,35 @@ class RedisSessionStore:
     def _backoff_key(self, storage_id: str) -> str:
         return f"{self._prefix}:{{{storage_id}}}:backoff"
 
+    async def _replicated(self, key: str, write: str, *command: Any) -> Any:
+        """Run the write ``command`` on ``key``, then ``WAIT`` for ``session.wait_replicas``
+        on the same connection (WAIT counts that connection's writes); the write's reply.
+
+        Fewer acknowledgements within ``session.wait_timeout_s`` are counted and logged, not
+        an error: the master has the write, and refusing it would cost the refresh it is part
+        of. A write that was not made (a lock already taken, a lost compare-and-set) is not
+        counted."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        wait = ("WAIT", self._wait_replicas, self._wait_timeout_ms)
+        if isinstance(self._client, RedisCluster):
+            # redis-py sends WAIT to every primary by default; it must run on the key's
+            # node, in that node's pipeline (one connection), to count this write.
+            node = self._client.get_node_from_key(key)
+            if node is None:
+                return (await pipe.execute())[0]
+            pipe.execute_command(*wait, target_nodes=node)
+        else:
+            pipe.execute_command(*wait)
+        reply, acks = await pipe.execute()
+        if reply and int(acks) < self._wait_replicas:
+            self._metrics.session_store_unreplicated_total.labels(write=write).inc()
+            log.warning(
+                "session_store_unreplicated",
+                extra={"write": write, "replicas": int(acks), "wanted": self._wait_replicas},
+            )
+        return reply
+
     def _index_key(self, kind: str, value: str) -> str:
         return f"{self._prefix}:{kind}:{digest(value)}"
 
@@ -420,7 +451,7 @@ class RedisSessionStore:
             # and a Sentinel's master lookup included, never once per attempt.
             async with asyncio.timeout_at(deadline_of_call(self._timeout_s)):
                 yield
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             # The text of a Redis error can carry a host or a key: it stays out of responses.
             self._metrics.session_store_errors_total.inc()
             log.warning("session_store_error", extra={"error_type": type(exc).__name__})
@@ -496,19 +527,25 @@ class RedisSessionStore:
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         blob = seal_session(handle, session)
         storage_id = handle.storage_id
+        key = self._session_key(storage_id)
+        args: list[bytes | str | int] = [
+            session.version,
+            blob,
+            self._now_ms(),
+            self._idle_ms,
+            self._absolute_ms,
+            self._channel,
+            storage_id,
+        ]
         async with self._translated():
-            version = await self._compare_and_set(
-                keys=[self._session_key(storage_id)],
-                args=[
-                    session.version,
-                    blob,
-                    self._now_ms(),
-                    self._idle_ms,
-                    self._absolute_ms,
-                    self._channel,
-                    storage_id,
-                ],
-            )
+            if self._wait_replicas:
+                # The rotated refresh token on a replica before the lock is released: a
+                # failover then cannot bring back the spent one (EVAL: a pipeline would ask
+                # SCRIPT EXISTS first; a refresh is rare enough to send the script).
+                command = ("EVAL", _COMPARE_AND_SET, 1, key, *args)
+                version = await self._replicated(key, "session", *command)
+            else:
+                version = await self._compare_and_set(keys=[key], args=args)
         if self._cache is not None:
             self._cache.drop(storage_id)  # ours at once; other replicas by the publish
         if not version:
@@ -570,8 +607,14 @@ class RedisSessionStore:
 
     async def acquire_lock(self, handle: SessionHandle, token: str, ttl_s: float) -> bool:
         key = self._lock_key(handle.storage_id)
+        ttl_ms = max(int(ttl_s * 1000), 1)
         async with self._translated():
-            return bool(await self._client.set(key, token, nx=True, px=max(int(ttl_s * 1000), 1)))
+            if self._wait_replicas:
+                # The lock on a replica before the IdP is called: a failover then cannot
+                # lose it and let another replica refresh with the token we rotate.
+                command = ("SET", key, token, "NX", "PX", ttl_ms)
+                return bool(await self._replicated(key, "lock", *command))
+            return bool(await self._client.set(key, token, nx=True, px=ttl_ms))
 
     async def release_lock(self, handle: SessionHandle, token: str) -> bool:
         storage_id = handle.storage_id

@@ -87,8 +87,8 @@ class Refresher:
             return session
         backoff_s = self._backoffs.remaining_s(handle.storage_id)
         if backoff_s > 0:
-            # A refresh of this session failed lately: the IdP is left alone meanwhile.
-            self._metrics.refresh_total.labels(result="backoff").inc()
+            # A refresh of this session failed lately: the IdP is left alone meanwhile. Not
+            # counted: refresh_total counts refreshes (flights), not the requests they serve.
             return self._serve_stale(session, retry_after_s(backoff_s))
         flight = self._flights.get(handle.storage_id)
         if flight is None:
