@@ -36,6 +36,7 @@ from tests.integration.test_refresh_concurrency import (
 from tests.support.gateway_process import GatewayProcess
 from tests.support.idp import OidcProviderProcess
 from tests.support.redis_server import RedisServerProcess
+from tests.support.redis_topologies import ClusterTopology
 
 pytestmark = pytest.mark.integration
 
@@ -378,3 +379,38 @@ async def test_wait_replicas_puts_the_lock_and_the_refreshed_session_on_the_repl
     finally:
         await store.aclose()
         await on_replica.aclose()
+
+
+async def test_wait_replicas_on_a_cluster_waits_at_the_node_of_the_session() -> None:
+    # redis-py sends WAIT to every primary unless told otherwise; it must go to the node
+    # that took the write, on the same connection, and count that node's replica only.
+    with ClusterTopology() as cluster:
+        settings = SessionSettings(redis_url=cluster.url, wait_replicas=1, wait_timeout_s=0.5)
+        metrics = Metrics()
+        store = RedisSessionStore(settings, build_redis(settings), metrics)
+        handle = derive_handle(b"c" * 32)
+        try:
+            created = await store.create(
+                handle, Session(subject="alice", access_token="a0", access_expires_at=time.time())
+            )
+            started = time.perf_counter()
+            assert await store.acquire_lock(handle, "token-1", 10)
+            assert await store.save(handle, created) is not None
+            assert time.perf_counter() - started < 0.5  # both acknowledged, none timed out
+            unreplicated = "tokengate_session_store_unreplicated_total"
+            assert metrics.registry.get_sample_value(unreplicated, {"write": "lock"}) is None
+            assert metrics.registry.get_sample_value(unreplicated, {"write": "session"}) is None
+            assert await wait_calls_by_node(cluster) == [2]  # one node: the session's
+        finally:
+            await store.aclose()
+
+
+async def wait_calls_by_node(cluster: ClusterTopology) -> list[int]:
+    """How many WAITs each node that ran any has run (``INFO commandstats``)."""
+    calls = []
+    for node in cluster.nodes:
+        async with Redis(port=node.port) as client:
+            stats = await client.info("commandstats")
+        if "cmdstat_wait" in stats:
+            calls.append(int(stats["cmdstat_wait"]["calls"]))
+    return calls
