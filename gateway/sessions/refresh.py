@@ -1,13 +1,16 @@
 """Refresh under a lock: for one session, exactly one IdP refresh per expiry.
 
-In this process a single flight per session (concurrent callers await one task); across
+In this process a single flight per session (concurrent callers share one task); across
 processes and replicas the store's per-session lock, after which the session is reloaded
 (another replica may already have refreshed). The flight is a task owned here, not by any
-request: requests await it through ``asyncio.shield``, so a client that hangs up cancels
-only its own wait, and the IdP call and the compare-and-set write of its result always
-finish. A forced refresh (an upstream rejected the token) takes the same flight and lock,
-and is declined while the token is younger than ``forced_min_interval_s``. What the IdP is
-asked, and how, is the dialect's job (``idp``).
+request: a request whose token is still valid does not wait for it (refresh-ahead runs in
+the background), the others await it through ``asyncio.shield``, so a client that hangs
+up cancels only its own wait, and the IdP call and the compare-and-set write of its result
+always finish. A forced refresh (an upstream rejected the token) takes the same flight and
+lock, and is declined while the token is younger than ``forced_min_interval_s``. After a
+failed refresh the IdP is left alone for a while (``sessions.backoff``); tokens the store
+could not take are written late (``sessions.late_saves``). What the IdP is asked, and how,
+is the dialect's job (``idp``).
 """
 
 from __future__ import annotations
@@ -194,7 +197,7 @@ class Refresher:
         handle: SessionHandle,
         current: Session,
         backoff: RefreshBackoff | None,
-        token: str,
+        lock_token: str,
         locked_at: float,
     ) -> Session:
         try:
@@ -224,7 +227,7 @@ class Refresher:
         except SessionStoreUnavailableError:
             # The IdP has rotated the tokens: from now on they are the only valid ones. Keep
             # them, and the lock, until the store takes them; serve them meanwhile.
-            self._late.hold(handle, updated, token, locked_at)
+            self._late.hold(handle, updated, lock_token, locked_at)
             return updated
         if saved is None:
             # Compare-and-set lost: the session was ended (logout) or rewritten meanwhile.
@@ -271,8 +274,8 @@ class Refresher:
         log.info("refresh", extra={"result": "invalid_grant"})
         raise SessionExpiredError()
 
-    def _serve_stale(self, current: Session, retry_after_s: int | None = None) -> Session:
+    def _serve_stale(self, current: Session, retry_s: int | None = None) -> Session:
         """The IdP cannot help now: keep serving while the access token is still valid."""
         if current.access_expires_at > self._clock():
             return current
-        raise RefreshUnavailableError(retry_after_s or self._settings.retry_after_s)
+        raise RefreshUnavailableError(retry_s or self._settings.retry_after_s)
