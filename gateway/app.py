@@ -25,7 +25,7 @@ from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
 from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
-from gateway.ingress import Handler, Ingress, aiohttp_parser_limits
+from gateway.ingress import Handler, Ingress, aiohttp_parser_limits, expect_continue
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -276,12 +276,15 @@ def add_auth_routes(
     async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         return await request.app[BACKCHANNEL_LOGOUT].backchannel_logout(request)
 
-    app.router.add_get("/auth/session", wrap(session_info))
-    app.router.add_post("/auth/logout", wrap(logout))
+    expect = expect_continue
+    app.router.add_get("/auth/session", wrap(session_info), expect_handler=expect)
+    app.router.add_post("/auth/logout", wrap(logout), expect_handler=expect)
     if oidc_login:  # capture-only deployments log in through their capture route
-        app.router.add_get("/auth/login", wrap(login))
-        app.router.add_get("/auth/callback", wrap(callback))
-        app.router.add_post("/auth/backchannel-logout", wrap(backchannel_logout))
+        app.router.add_get("/auth/login", wrap(login), expect_handler=expect)
+        app.router.add_get("/auth/callback", wrap(callback), expect_handler=expect)
+        app.router.add_post(
+            "/auth/backchannel-logout", wrap(backchannel_logout), expect_handler=expect
+        )
 
 
 _AUTH_PATHS = frozenset(
@@ -322,10 +325,15 @@ def build_app(
     # aiohttp's router never answers by itself (no 404 or 405 of its own).
     if settings.uses_sessions:
         add_auth_routes(app, ingress.wrap, oidc_login=settings.uses_oidc_login)
-    app.router.add_route("*", r"/auth/{tail:[\s\S]*}", ingress.wrap(reserved_auth_path))
+    app.router.add_route(
+        "*",
+        r"/auth/{tail:[\s\S]*}",
+        ingress.wrap(reserved_auth_path),
+        expect_handler=expect_continue,
+    )
     every_target = AnyTarget()
     app.router.register_resource(every_target)
-    every_target.add_route("*", ingress.wrap(handle))
+    every_target.add_route("*", ingress.wrap(handle), expect_handler=expect_continue)
     return app
 
 

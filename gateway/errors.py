@@ -17,6 +17,7 @@ session stores, ``idp``), and their text never reaches a client.
     ├── MethodNotAllowedError                405 method_not_allowed
     ├── RequestTimeoutError                  408 request_timeout     (Connection: close)
     ├── PayloadTooLargeError                 413 payload_too_large
+    ├── ExpectationFailedError               417 expectation_failed
     ├── URITooLongError                      414 uri_too_long
     ├── HeadersTooLargeError                 431 request_header_fields_too_large
     ├── IdpError                             502 idp_error
@@ -166,6 +167,12 @@ class PayloadTooLargeError(GatewayError):
     status = 413
     code = "payload_too_large"
     default_description = "the request body is too large"
+
+
+class ExpectationFailedError(GatewayError):
+    status = 417
+    code = "expectation_failed"
+    default_description = "the only expectation supported is 100-continue"
 
 
 class URITooLongError(GatewayError):

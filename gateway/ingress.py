@@ -18,11 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from gateway.context import RequestContext, open_context
 from gateway.errors import (
     BadRequestError,
+    ExpectationFailedError,
     GatewayError,
     HeadersTooLargeError,
     MethodNotAllowedError,
@@ -50,6 +51,19 @@ def render_error(exc: GatewayError) -> web.Response:
     response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+async def expect_continue(request: web.BaseRequest) -> web.StreamResponse | None:
+    """Every route's ``Expect`` handler (RFC 9110 §10.1.1), in place of aiohttp's, which
+    answers any other expectation with a text 417 quoting it (and a 500 when it cannot be
+    encoded): ``100-continue`` is answered at once, anything else is our JSON 417."""
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no expectations to meet
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not the response's body
+        return None
+    return render_error(ExpectationFailedError())
 
 
 def aiohttp_parser_limits(limits: LimitsSettings) -> dict[str, Any]:

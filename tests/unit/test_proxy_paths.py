@@ -35,10 +35,15 @@ class Reply:
 
 
 async def send(
-    gateway: Gateway, target: bytes, *, method: bytes = b"GET", token: str | None = None
+    gateway: Gateway,
+    target: bytes,
+    *,
+    method: bytes = b"GET",
+    token: str | None = None,
+    extra: tuple[bytes, ...] = (),
 ) -> Reply:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    head = [method + b" " + target + b" HTTP/1.1", b"Host: x", b"Connection: close"]
+    head = [method + b" " + target + b" HTTP/1.1", b"Host: x", b"Connection: close", *extra]
     if token is not None:
         head.append(f"Authorization: Bearer {token}".encode())
     writer.write(b"\r\n".join(head) + b"\r\n\r\n")
@@ -199,3 +204,25 @@ async def test_an_unhandled_error_would_be_seen(
     monkeypatch.setattr("gateway.proxy.parse_path", explode)
     assert (await send(gateway, b"/public/x")).status == 500
     assert unhandled_errors(caplog) == ["unhandled_error"]
+
+
+@pytest.mark.parametrize("expect", [b"\x80", b"bogus", b"100-continue; x", b"\xff\xfe"])
+async def test_an_expectation_we_do_not_meet_is_our_json_417_never_a_500(
+    gateway: Gateway, upstream: Upstream, expect: bytes
+) -> None:
+    # aiohttp's own Expect handler answers a text 417 quoting the value, and a 500 when
+    # the value cannot be encoded (found by the ingress fuzz: "Expect: \x80").
+    for target in (b"/public/x", b"/auth/session"):
+        reply = await send(gateway, target, extra=(b"Expect: " + expect,))
+        assert reply.status == 417
+        assert reply.json()["error"] == "expectation_failed"
+        assert expect not in reply.body
+    assert upstream[0].seen == []
+
+
+async def test_100_continue_is_met_and_the_request_forwarded(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    reply = await send(gateway, b"/public/x", extra=(b"Expect: 100-continue",))
+    assert reply.status == 100  # the interim answer first; the final one follows it
+    assert len(upstream[0].seen) == 1
