@@ -17,8 +17,8 @@ session stores, ``idp``), and their text never reaches a client.
     ├── MethodNotAllowedError                405 method_not_allowed
     ├── RequestTimeoutError                  408 request_timeout     (Connection: close)
     ├── PayloadTooLargeError                 413 payload_too_large
-    ├── ExpectationFailedError               417 expectation_failed
     ├── URITooLongError                      414 uri_too_long
+    ├── ExpectationFailedError               417 expectation_failed
     ├── HeadersTooLargeError                 431 request_header_fields_too_large
     ├── IdpError                             502 idp_error
     ├── UpstreamUnavailableError             502 upstream_unavailable
