@@ -25,6 +25,13 @@ session not in the cache (a page load, a refresh storm) makes one Redis round tr
 one each. A load under way is shared only until an invalidation of its session arrives;
 requests after that start a new one, so sharing never shows what a copy could not.
 
+On a Redis Cluster the subscription is a connection of its own to one node (redis-py's
+cluster client has no asyncio pub/sub): a PUBLISH, from a script too, is sent to every node
+over the cluster bus, so any node hears every invalidation. The node is the cluster client's
+first primary (an arbitrary choice: any would do), then the next node in its list each time
+a subscription ends (a node that failed over or died), with the client's credentials, TLS
+and timeouts.
+
 The same channel carries ``unlock:<storage id>`` when a refresh lock is released: it drops
 nothing, and wakes this process's request waiting for that lock (``lock_released``). Every
 invalidation of a session also wakes whoever watches it (``session_changed``: a WebSocket
@@ -39,11 +46,14 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session, Waiters
@@ -82,11 +92,12 @@ def _raise_if_cancelled() -> None:
 
 
 class LocalSessionCache:
-    """Owns its subscriber task (``start``/``aclose``); borrows the store's Redis client."""
+    """Owns its subscriber task (``start``/``aclose``); borrows the store's Redis client
+    (and on a Cluster, opens and closes its own connection to the node it subscribes to)."""
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         channel: str,
         metrics: Metrics,
         *,
@@ -111,6 +122,7 @@ class LocalSessionCache:
         # while not serving, so this one check covers both.
         self._heard_until = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._feed_node: str | None = None  # Cluster: the node subscribed to last
         # For whoever must know (readiness, tests): serving or not, and any invalidation.
         self._on = asyncio.Event()
         self._off = asyncio.Event()
@@ -217,13 +229,6 @@ class LocalSessionCache:
         """How many sessions are watched now (``session_changed``)."""
         return len(self._session_waiters)
 
-    async def publish(self, *storage_ids: str) -> None:
-        """Tell every replica (this one included, at once) that these sessions changed."""
-        for storage_id in storage_ids:
-            self.drop(storage_id)
-        if storage_ids:
-            await self._client.publish(self._channel, " ".join(storage_ids))
-
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
             self._listen(), name="session-cache-invalidations"
@@ -272,11 +277,17 @@ class LocalSessionCache:
         backoff_s = _BACKOFF_FIRST_S
         while True:
             _raise_if_cancelled()
-            pubsub = self._client.pubsub()
             try:
-                await pubsub.subscribe(self._channel)
-                await self._follow(pubsub)
-            except (RedisError, OSError) as exc:
+                async with self._subscriber() as client:
+                    pubsub = client.pubsub()
+                    try:
+                        await pubsub.subscribe(self._channel)
+                        await self._follow(pubsub)
+                    finally:
+                        with contextlib.suppress(RedisError, OSError):
+                            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            # RedisClusterException ("no node reachable") is no RedisError.
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if self._serving:
                     log.warning(
                         "session_cache",
@@ -285,11 +296,29 @@ class LocalSessionCache:
                     backoff_s = _BACKOFF_FIRST_S  # it worked until now: retry soon
                 self._stop_serving()
                 self._metrics.session_store_errors_total.inc()
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+
+    @contextlib.asynccontextmanager
+    async def _subscriber(self) -> AsyncIterator[Redis]:
+        """The client to subscribe with: the store's own, or on a Cluster a client of one
+        node (see the module's docstring), closed when the subscription ends."""
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            yield client
+            return
+        await client.initialize()  # its node list, read again after a failure it saw
+        node = _next_node(client.get_primaries() + client.get_replicas(), self._feed_node)
+        self._feed_node = node.name
+        options = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}  # _listen retries
+        node_client = Redis.from_pool(
+            ConnectionPool(connection_class=node.connection_class, **options)
+        )
+        try:
+            yield node_client
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await node_client.aclose()
 
     async def _follow(self, pubsub: PubSub) -> None:
         """Apply what the subscription brings, and keep proving it alive; raises when the
@@ -343,3 +372,12 @@ class LocalSessionCache:
                 self._off.clear()
                 self._on.set()
                 log.info("session_cache", extra={"state": "serving"})
+
+
+def _next_node(nodes: list[ClusterNode], last: str | None) -> ClusterNode:
+    """The node after ``last`` in ``nodes`` (the first one if ``last`` is not there)."""
+    if not nodes:
+        raise RedisError("the cluster client knows no node")
+    names = [node.name for node in nodes]
+    turn = names.index(last) + 1 if last in names else 0
+    return nodes[turn % len(nodes)]

@@ -377,8 +377,7 @@ class RedisSessionStore:
         self._prefix = settings.key_prefix
         self._channel = f"{settings.key_prefix}:invalidate"
         self._cache: LocalSessionCache | None = None
-        if settings.local_cache_s > 0 and isinstance(client, Redis):
-            # Cluster: no cache (redis-py's cluster client has no asyncio pub/sub).
+        if settings.local_cache_s > 0:
             self._cache = LocalSessionCache(
                 client,
                 self._channel,
@@ -681,8 +680,8 @@ class RedisSessionStore:
     @contextmanager
     def watch(self, storage_id: str) -> Iterator[SessionWatch]:
         # Every write and end is published (_COMPARE_AND_SET, _DELETE) and reaches the local
-        # cache's subscription, while it is confirmed. Without it (local_cache_s 0, Cluster,
-        # the feed down) nothing tells: the watcher polls.
+        # cache's subscription, while it is confirmed. Without it (local_cache_s 0, the feed
+        # down) nothing tells: the watcher polls.
         cache = self._cache
         if cache is None or not cache.serving:
             yield SessionWatch(asyncio.get_running_loop().create_future(), told=False)
