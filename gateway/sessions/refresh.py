@@ -35,6 +35,7 @@ from gateway.sessions.deadline import detached
 from gateway.sessions.late_saves import LateSaves
 from gateway.sessions.model import RefreshBackoff, Session, SessionHandle, SessionStore
 from gateway.settings import RefreshSettings
+from gateway.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Refresher:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
-        self._flights: dict[str, asyncio.Task[Session]] = {}
+        self._flights: SingleFlight[str, Session] = SingleFlight("session-refresh")
         self._backoffs = Backoffs(settings, metrics, clock)
         self._late = LateSaves(store, settings, metrics)
 
@@ -93,15 +94,11 @@ class Refresher:
             # A refresh of this session failed lately: the IdP is left alone meanwhile. Not
             # counted: refresh_total counts refreshes (flights), not the requests they serve.
             return self._serve_stale(session, retry_after_s(backoff_s))
-        flight = self._flights.get(handle.storage_id)
-        if flight is None:
-            # Detached: the flight serves every request of the session, so no request's
-            # store deadline applies to it; each of its store calls is bounded by itself.
-            flight = asyncio.create_task(
-                self._refresh(handle, session, force), name="session-refresh", context=detached()
-            )
-            self._flights[handle.storage_id] = flight
-            flight.add_done_callback(lambda task: self._land(handle.storage_id, task))
+        # Detached: the flight serves every request of the session, so no request's store
+        # deadline applies to it; each of its store calls is bounded by itself.
+        flight = self._flights.start(
+            handle.storage_id, lambda: self._refresh(handle, session, force), context=detached()
+        )
         if not force and session.access_expires_at - _VALID_MARGIN_S > self._clock():
             # Refresh-ahead: the token still works, so this request does not wait for the
             # IdP or for a lock (one orphaned by a dead replica or a failover waits out its
@@ -114,6 +111,11 @@ class Refresher:
         finally:
             self._metrics.refresh_lock_wait_seconds.observe(time.perf_counter() - started)
 
+    @property
+    def refreshing(self) -> int:
+        """How many sessions have a refresh under way in this process."""
+        return len(self._flights)
+
     def held(self, storage_id: str) -> Session | None:
         """The refreshed session this process holds while the store cannot take it yet."""
         return self._late.held(storage_id)
@@ -121,20 +123,9 @@ class Refresher:
     async def aclose(self) -> None:
         """Let flights in progress land (they carry rotated refresh tokens), make one last
         attempt at each late write, then stop."""
-        flights = list(self._flights.values())
-        if flights:
-            await asyncio.wait(flights, timeout=self._settings.timeout_s + 1)
-        for flight in flights:
-            flight.cancel()
-        await asyncio.gather(*flights, return_exceptions=True)
+        await self._flights.aclose(grace_s=self._settings.timeout_s + 1)
         await self._late.aclose()
         self._backoffs.close()
-
-    def _land(self, storage_id: str, task: asyncio.Task[Session]) -> None:
-        if self._flights.get(storage_id) is task:
-            del self._flights[storage_id]
-        if not task.cancelled():
-            task.exception()  # read by the awaiting requests; never "never retrieved"
 
     def _wants_refresh(self, session: Session, force: bool) -> bool:
         return self.needs_refresh(session) or (force and self._may_force(session))

@@ -63,7 +63,7 @@ async def test_resources_open_in_order_and_close_in_reverse(
     assert app[IDP_HTTP].closed
     assert jwks_task is not None
     assert jwks_task.done()
-    assert app[REFRESHER]._flights == {}
+    assert app[REFRESHER].refreshing == 0
     assert app[STORE] is not None
 
 
