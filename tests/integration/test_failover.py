@@ -11,6 +11,7 @@ within the failover time plus a small margin.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,14 @@ from tests.integration.conftest import Bff, start_bff
 from tests.support.idp import OidcProviderProcess
 from tests.support.redis_topologies import ClusterTopology, SentinelTopology
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # redis-py 7.4: a request's deadline that cancels a query to a Sentinel mid-failover
+    # leaves that connection object half-open until it is collected, when it closes itself
+    # and warns. Noise, not a leak of ours: collected below, inside this module's filter,
+    # so no later test meets it.
+    pytest.mark.filterwarnings("ignore:unclosed Connection:ResourceWarning"),
+]
 
 SESSIONS = 8
 WARM_UP_S = 2.0
@@ -54,13 +62,14 @@ class SessionLog:
         return longest
 
 
-@pytest.fixture(scope="module")
+# Per test: each kills a master, so the next needs a whole topology again.
+@pytest.fixture
 def sentinel() -> Iterator[SentinelTopology]:
     with SentinelTopology() as topology:
         yield topology
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster() -> Iterator[ClusterTopology]:
     with ClusterTopology() as topology:
         yield topology
@@ -99,6 +108,7 @@ async def topology_replicas(
             await browser.close()
     for server in made.servers:
         await server.close()
+    gc.collect()  # the half-open Sentinel connections (see pytestmark) go here, not later
 
 
 async def load(bffs: list[Bff], log: SessionLog, stop: asyncio.Event) -> None:
@@ -114,10 +124,16 @@ async def load(bffs: list[Bff], log: SessionLog, stop: asyncio.Event) -> None:
         await asyncio.sleep(PACE_S)
 
 
-@pytest.mark.parametrize("topology_replicas", ["sentinel", "cluster"], indirect=True)
+@pytest.mark.parametrize(
+    ("topology_replicas", "idp_delay_ms"),
+    [("sentinel", 0), ("sentinel", 500), ("cluster", 0)],
+    indirect=["topology_replicas"],
+    ids=["sentinel", "sentinel-idp-500ms", "cluster"],
+)
 async def test_a_master_killed_under_refresh_load_loses_no_session_and_reuses_no_token(
     topology_replicas: tuple[Replicas, SentinelTopology | ClusterTopology],
     idp: OidcProviderProcess,
+    idp_delay_ms: int,
 ) -> None:
     made, topology = topology_replicas
     first = made.bffs[-1]  # the last started is the one registered at the IdP for login
@@ -127,6 +143,8 @@ async def test_a_master_killed_under_refresh_load_loses_no_session_and_reuses_no
         await first.login(browser)
         logs.append(SessionLog(browser))
     await idp.reset()  # count from here: the refreshes of the run only
+    if idp_delay_ms:  # refreshes in flight while the master dies
+        await idp.set_token_behaviour(delay_ms=idp_delay_ms, grant_type="refresh_token")
     stop = asyncio.Event()
     loaders = [asyncio.create_task(load(made.bffs, log, stop)) for log in logs]
     try:
@@ -145,6 +163,7 @@ async def test_a_master_killed_under_refresh_load_loses_no_session_and_reuses_no
         stop.set()
         await asyncio.gather(*loaders)
     stats = await idp.stats()
+    await idp.reset()
     refresh_errors = stats["errors_by_grant_type"].get("refresh_token", {})
     assert refresh_errors.get("invalid_grant", 0) == 0, stats  # no token presented twice
     assert stats["grants"].get("refresh_token", 0) > SESSIONS  # rotations went on throughout
@@ -154,8 +173,9 @@ async def test_a_master_killed_under_refresh_load_loses_no_session_and_reuses_no
     longest = max(log.longest_failing_run_s() for log in logs)
     assert longest <= failover_s + MARGIN_S, (longest, failover_s)
     print(
-        f"\n{type(topology).__name__}: failover {failover_s:.2f} s, longest failing run "
-        f"{longest:.2f} s, refresh grants {stats['grants'].get('refresh_token', 0)}, "
+        f"\n{type(topology).__name__} (IdP +{idp_delay_ms} ms): failover {failover_s:.2f} s, "
+        f"longest failing run {longest:.2f} s, "
+        f"refresh grants {stats['grants'].get('refresh_token', 0)}, "
         f"requests {sum(len(log.answers) for log in logs)}, "
         f"non-200 {sum(1 for log in logs for _, s in log.answers if s != 200)}"
     )
