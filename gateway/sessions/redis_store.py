@@ -172,9 +172,13 @@ def build_redis(settings: SessionSettings) -> RedisClient:
     """A client for ``redis_url``; connections open lazily, on the first command. A URL this
     cannot build raises ``ValueError`` (``check-config`` builds it too, so it fails there)."""
     url = settings.redis_url
+    # Each try gets half of redis_timeout_s: a request's store calls share one deadline of
+    # redis_timeout_s (sessions.deadline), and the one retry below must fit in it, or a
+    # pooled connection that died silently (a NAT forgot it) costs the whole request.
+    attempt_s = settings.redis_timeout_s / 2
     options: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout_s,
-        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": attempt_s,
+        "socket_connect_timeout": attempt_s,
         "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
         # One quick retry covers a pooled connection the server closed (restart, failover);
         # redis-py's default backs off for seconds, which a request cannot afford.
