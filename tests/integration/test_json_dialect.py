@@ -480,19 +480,23 @@ async def test_an_api_outage_serves_a_valid_token_then_503_then_recovers(
 ) -> None:
     browser, handle, session = await logged_in(jbff)
     jbff.api.down = True
+    jbff.api.arrived.clear()
     # Inside refresh.ahead_s but not expired: the refresh fails, the request still flows.
     await jbff.set_expiry(handle, time.time() + 3)
     status, _, _ = await jbff.call(browser)
-    assert status == 200
+    assert status == 200  # at once: the refresh runs, and fails, in the background
     assert jbff.upstream_tokens() == {f"Bearer {session.access_token}"}
+    await asyncio.wait_for(jbff.api.arrived.wait(), 5)
+    await jbff.app[STORE].wait_for_unlock(handle, 5)  # that refresh is over
     assert jbff.api.refresh_requests >= 1
     await jbff.set_expiry(handle, time.time() - 1)
     status, body, headers = await jbff.call(browser)
     assert status == 503
-    assert headers["Retry-After"] == "5"
+    assert headers["Retry-After"] == "1"  # what is left of the first backoff
     assert body["error"] == "refresh_unavailable"
     assert await jbff.load(handle) is not None  # an outage ends no session
     jbff.api.down = False
+    jbff.clock.advance(1)  # the client came back after Retry-After
     status, _, _ = await jbff.call(browser)
     assert status == 200
     assert jbff.api.refresh_grants == 1

@@ -105,7 +105,7 @@ async def test_a_sentinel_url_gives_the_sentinels_their_own_credentials_and_tls(
             assert (options["username"], options["password"]) == ("watch", "s+pw")
             assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
             assert options["ssl_ca_certs"] == "/etc/ca.pem"
-            assert options["socket_timeout"] == 2.0
+            assert options["socket_timeout"] == 1.0  # half of redis_timeout_s a try
     finally:
         await client.aclose()
 
