@@ -69,6 +69,11 @@ class SingleFlight(Generic[K, T]):
         if task is not None and not task.done():
             self._forgotten.add(task)
 
+    def forget_all(self) -> None:
+        """``forget`` every key."""
+        for key in list(self._tasks):
+            self.forget(key)
+
     def _land(self, key: K, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]

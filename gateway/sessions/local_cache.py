@@ -46,7 +46,8 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
@@ -57,6 +58,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session, Waiters
+from gateway.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class LocalSessionCache:
         self._absolute_timeout_s = absolute_timeout_s
         self._clock = clock
         self._entries: OrderedDict[str, tuple[Session, float]] = OrderedDict()
-        self._loading: dict[str, asyncio.Task[Session | None]] = {}  # shared loads
+        self._loading: SingleFlight[str, Session | None] = SingleFlight("session-load")
         self._generation = 0  # counts invalidations (and resets): a racing load is not kept
         self._serving = False  # True only while the subscription is confirmed
         # Copies are served until then (clock): a heartbeat sent before it came back. 0
@@ -175,7 +177,7 @@ class LocalSessionCache:
             entries.popitem(last=False)
 
     async def coalesce(
-        self, storage_id: str, load: Callable[[], Awaitable[Session | None]]
+        self, storage_id: str, load: Callable[[], Coroutine[Any, Any, Session | None]]
     ) -> Session | None:
         """``load()``, shared with every caller for ``storage_id`` while one is under way.
         Counted as ``miss`` (this caller loads), ``shared`` (it joins a load under way) or
@@ -183,27 +185,19 @@ class LocalSessionCache:
         if self._heard_until <= self._clock():  # 0 while not serving
             self._count("off")
             return await load()
-        flight = self._loading.get(storage_id)
-        if flight is not None:
-            self._count("shared")
-        else:
-            self._count("miss")
-            flight = asyncio.ensure_future(load())
-            self._loading[storage_id] = flight
-            flight.add_done_callback(lambda task: self._landed(storage_id, task))
-        # shield: one caller going away (client gone) must not cancel the others' load.
-        return await asyncio.shield(flight)
+        self._count("miss" if self._loading.running(storage_id) is None else "shared")
+        # One caller going away (client gone) never cancels the others' load.
+        return await self._loading.join(storage_id, load)
 
-    def _landed(self, storage_id: str, task: asyncio.Task[Session | None]) -> None:
-        if self._loading.get(storage_id) is task:
-            del self._loading[storage_id]
-        if not task.cancelled():
-            task.exception()  # its callers have it; never "never retrieved"
+    @property
+    def loads_under_way(self) -> int:
+        """Sessions being loaded from Redis now, each once for all its callers."""
+        return len(self._loading)
 
     def drop(self, storage_id: str) -> None:
         self._generation += 1
         self._entries.pop(storage_id, None)
-        self._loading.pop(storage_id, None)  # later callers must not join an older read
+        self._loading.forget(storage_id)  # later callers must not join an older read
         self._dropped.set()
         self._lock_waiters.wake(storage_id)  # a changed session: worth a look at its lock
         self._session_waiters.wake(storage_id)
@@ -248,11 +242,7 @@ class LocalSessionCache:
 
     async def aclose(self) -> None:
         self._stop_serving()
-        loads = list(self._loading.values())
-        self._loading.clear()
-        for task in loads:
-            task.cancel()
-        await asyncio.gather(*loads, return_exceptions=True)
+        await self._loading.aclose()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -270,7 +260,7 @@ class LocalSessionCache:
         self._on.clear()
         self._off.set()
         self._entries.clear()
-        self._loading.clear()
+        self._loading.forget_all()
         self._generation += 1
 
     async def _listen(self) -> None:

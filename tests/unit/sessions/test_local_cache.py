@@ -113,7 +113,7 @@ async def test_concurrent_misses_share_one_load() -> None:
     load.release.set()
     assert await asyncio.gather(*callers) == [load.answer] * 50
     assert load.started == 1
-    assert cache._loading == {}  # landed: the next miss loads again
+    assert cache.loads_under_way == 0  # landed: the next miss loads again
 
 
 async def test_after_an_invalidation_new_callers_start_a_new_load() -> None:
@@ -162,7 +162,7 @@ async def test_a_failed_load_fails_every_caller_and_is_not_kept() -> None:
     results = await asyncio.gather(*callers, return_exceptions=True)
     assert [type(r) for r in results] == [ConnectionError] * 3
     assert load.started == 1
-    assert cache._loading == {}
+    assert cache.loads_under_way == 0
 
 
 async def test_every_read_is_counted_by_how_the_cache_answered() -> None:
