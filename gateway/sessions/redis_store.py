@@ -39,11 +39,12 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.event import EventDispatcher
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import SessionStoreUnavailableError
 from gateway.metrics import Metrics
@@ -164,7 +165,7 @@ class _SentinelMaster(Redis):
         await super().aclose(close_connection_pool)
         pool = self.connection_pool
         if isinstance(pool, SentinelConnectionPool):
-            for sentinel in pool.sentinel_manager.sentinels:
+            for sentinel in list(pool.sentinel_manager.sentinels):  # a lookup may reorder it
                 await sentinel.aclose()
 
 
@@ -328,6 +329,31 @@ class _Cluster(RedisCluster):
         )
 
 
+class _Sentinel(Sentinel):
+    """redis-py's ``Sentinel``, with a master lookup that keeps its list of sentinels whole.
+
+    redis-py 7.4 moves the sentinel that answered to the front of the list by the index it
+    had before its await. Two lookups at once (in a failover every connection looks) then
+    write one sentinel into two places and drop another: never asked again, and never
+    closed by ``_SentinelMaster.aclose`` ("unclosed Connection" when it is collected, in
+    about one failover in fifteen here). This moves it by identity, after the await."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        failed: list[str] = []
+        for sentinel in list(self.sentinels):  # a lookup at the same time may reorder it
+            try:
+                masters = await sentinel.sentinel_masters()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                failed.append(type(exc).__name__)
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                rest = [other for other in self.sentinels if other is not sentinel]
+                self.sentinels[:] = [sentinel, *rest]
+                return state["ip"], state["port"]
+        raise MasterNotFoundError(f"no master found for {service_name!r} {failed}")
+
+
 def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
     # redis+sentinel://[user:password@]host:port[,host:port]/service_name[/db]: the
     # credentials are the master's. Sentinels that require a password of their own
@@ -343,7 +369,7 @@ def _build_sentinel_master(url: str, options: dict[str, Any]) -> Redis:
         "username": parsed.query.get("sentinel_username") or None,
         "password": parsed.query.get("sentinel_password") or None,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
+    sentinel = _Sentinel(  # type: ignore[no-untyped-call]  # redis-py's sentinel is untyped
         list(parsed.nodes),
         sentinel_kwargs={**options, **tls, **sentinel_auth},
         username=parsed.username,

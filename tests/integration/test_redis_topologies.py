@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.crc import key_slot
 
 from gateway.errors import SessionStoreUnavailableError
@@ -33,7 +35,7 @@ from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
 from tests.support.metrics import session_cache_reads
 from tests.support.redis_server import RedisServerProcess
-from tests.support.redis_topologies import ClusterTopology, SentinelTopology
+from tests.support.redis_topologies import SERVICE, ClusterTopology, SentinelTopology
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +116,9 @@ def slot_of(handle: SessionHandle) -> int:
 def unclosed_reports() -> Iterator[list[str]]:
     """Every ResourceWarning and every "Unclosed ..." report to the loop's exception handler
     (redis-py's ``__del__`` does both; asyncio's default handler logs it as an error line)
-    while inside, and after a garbage collection on the way out."""
+    while inside, and after a garbage collection on the way out. Garbage from before is
+    collected first: it is not this test's."""
+    gc.collect()
     reports: list[str] = []
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
@@ -185,19 +189,70 @@ async def test_the_store_works_through_sentinels_that_require_a_password_over_tl
     sentinel: SentinelTopology,
 ) -> None:
     assert sentinel.url.startswith("rediss+sentinel://")
-    async with two_replicas(sentinel.url) as replicas:
-        a, b = replicas.a, replicas.b
-        await exercise(a, b)
+    with unclosed_reports() as unclosed:
+        async with two_replicas(sentinel.url) as replicas:
+            await exercise(replicas.a, replicas.b)
+        del replicas
+    assert unclosed == []
 
 
 async def test_the_store_and_its_cache_work_on_a_cluster(cluster: ClusterTopology) -> None:
-    async with two_replicas(cluster.url) as replicas:
-        a, b = replicas.a, replicas.b
-        # Both subscribed to one node; sessions land on every master and are heard there.
-        assert len(cluster.subscribed_to(CHANNEL)) == 1
-        await exercise(a, b)
-        masters = {cluster.master_of_slot(slot_of(new_session()[0])).port for _ in range(60)}
-        assert len(masters) == 3
+    with unclosed_reports() as unclosed:
+        async with two_replicas(cluster.url) as replicas:
+            # Both subscribed to one node; sessions land on every master and are heard there.
+            assert len(cluster.subscribed_to(CHANNEL)) == 1
+            await exercise(replicas.a, replicas.b)
+            masters = {cluster.master_of_slot(slot_of(new_session()[0])).port for _ in range(60)}
+            assert len(masters) == 3
+        del replicas
+    assert unclosed == []
+
+
+class FakeSentinel:
+    """Answers SENTINEL MASTERS once ``answer`` is set: the master, or none it trusts."""
+
+    def __init__(self, *, knows_master: bool) -> None:
+        self.knows_master = knows_master
+        self.answer = asyncio.Event()
+        self.asked = 0
+        self.asked_twice = asyncio.Event()
+
+    async def sentinel_masters(self) -> dict[str, dict[str, Any]]:
+        self.asked += 1
+        if self.asked == 2:
+            self.asked_twice.set()
+        await self.answer.wait()
+        if not self.knows_master:
+            return {}
+        state = {"ip": "10.0.0.9", "port": 6379, "is_master": True, "num-other-sentinels": 2}
+        return {SERVICE: {**state, "is_sdown": False, "is_odown": False}}
+
+
+async def test_two_master_lookups_at_once_keep_every_sentinel() -> None:
+    """In a failover every connection asks the sentinels at once. redis-py 7.4 moved the
+    sentinel that answered to the front by its index from before the wait, and here wrote
+    the second sentinel twice and lost the first (never asked again, never closed)."""
+    first, second, third = (FakeSentinel(knows_master=k) for k in (False, True, True))
+    first.answer.set()
+    third.answer.set()
+    client = build_redis(session_settings("redis+sentinel://s1,s2,s3/" + SERVICE))
+    try:
+        assert isinstance(client, Redis)
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        manager = pool.sentinel_manager
+        real, manager.sentinels = manager.sentinels, [first, second, third]
+        try:
+            lookups = [asyncio.create_task(manager.discover_master(SERVICE)) for _ in range(2)]
+            async with asyncio.timeout(WAIT_S):
+                await second.asked_twice.wait()  # both lookups wait on the second sentinel
+                second.answer.set()
+                assert await asyncio.gather(*lookups) == [("10.0.0.9", 6379)] * 2
+            assert manager.sentinels == [second, first, third]
+        finally:
+            manager.sentinels = real
+    finally:
+        await client.aclose()
 
 
 @dataclasses.dataclass
@@ -344,11 +399,13 @@ async def cached_loads(replicas: Replicas) -> tuple[float, float]:
 async def test_the_local_cache_serves_as_many_loads_on_a_cluster_as_on_a_single_redis(
     cluster: ClusterTopology,
 ) -> None:
-    with RedisServerProcess() as single:
+    with unclosed_reports() as unclosed, RedisServerProcess() as single:
         async with two_replicas(single.url) as replicas:
             single_hits, single_us = await cached_loads(replicas)
-    async with two_replicas(cluster.url) as replicas:
-        cluster_hits, cluster_us = await cached_loads(replicas)
+        async with two_replicas(cluster.url) as replicas:
+            cluster_hits, cluster_us = await cached_loads(replicas)
+        del replicas
+    assert unclosed == []
     print(
         f"\ncached loads: single Redis {single_hits:.1%} hits, {single_us:.0f} µs/load;"
         f" Cluster {cluster_hits:.1%} hits, {cluster_us:.0f} µs/load"
