@@ -72,9 +72,6 @@ class SessionAuthenticator:
         self._principals: dict[str, tuple[Session, Principal]] = {}
         self._principals_kept = principals_kept
 
-    def login_url(self, request: web.Request) -> str:
-        return self._login_url
-
     def check_csrf(self, request: web.Request) -> None:
         """Cookie-authenticated requests must carry our custom header (a cross-site page
         cannot add one without a CORS preflight we never grant) and no foreign Origin.

@@ -13,6 +13,9 @@ Key layout, with ``p`` = ``session.key_prefix`` and ``<id>`` a session's storage
     p:sid:<sha256(sid)>     SET   the same for the IdP's session id (back-channel logout)
     p:login:<sha256(state)> STRING a pending login, sealed with the login-binding key
     p:once:<ns>:<sha256(v)> STRING "1", SET NX EX: a value seen once (jti replay)
+    p:invalidate            pub/sub channel, published by the scripts below in the same step
+                                  as their write; its messages are ``feed``'s to define
+                                  and parse (``invalidation_message``, ``unlock_message``)
 
 The ``{<id>}`` hash tag puts a session, its lock and its backoff in one Cluster slot; every
 script touches one slot. Index entries of ended sessions are pruned when the subject logs in again
@@ -57,7 +60,15 @@ from gateway.sessions.crypto import (
     slot_aad,
 )
 from gateway.sessions.deadline import bounded, deadline_of_call
-from gateway.sessions.local_cache import LocalSessionCache, unlock_message
+from gateway.sessions.feed import (
+    InvalidationFeed,
+    RedisSubscriber,
+    Wakeups,
+    channel_of,
+    invalidation_message,
+    unlock_message,
+)
+from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import (
     LoginState,
     RefreshBackoff,
@@ -105,10 +116,10 @@ return 1
 """
 
 # KEYS[1] session hash. ARGV[1] expected version, ARGV[2] sealed data, ARGV[3] now ms,
-# ARGV[4] idle ms, ARGV[5] absolute ms, ARGV[6] invalidation channel, ARGV[7] storage id.
-# Returns the new version; 0 when the stored version differs; nil when the session is gone
-# (never recreated: a logout racing a refresh stays a logout). A write is published, in the
-# same step, so no replica keeps an old copy (local_cache).
+# ARGV[4] idle ms, ARGV[5] absolute ms, ARGV[6] invalidation channel, ARGV[7] the message
+# (feed.invalidation_message). Returns the new version; 0 when the stored version differs;
+# nil when the session is gone (never recreated: a logout racing a refresh stays a logout).
+# A write is published, in the same step, so no replica keeps an old copy (local_cache).
 _COMPARE_AND_SET = """
 local f = redis.call('HMGET', KEYS[1], 'v', 'c')
 if not f[1] or not f[2] then return nil end
@@ -126,8 +137,8 @@ return v
 """
 
 # KEYS[1] session hash, KEYS[2] its lock, KEYS[3] its refresh backoff (same slot). ARGV[1]
-# invalidation channel, ARGV[2] storage id. Returns 1 if the session existed, else 0; an end
-# is published in the same step.
+# invalidation channel, ARGV[2] the message (feed.invalidation_message). Returns 1 if the
+# session existed, else 0; an end is published in the same step.
 _DELETE = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2], KEYS[3])
@@ -145,7 +156,8 @@ end
 return 1
 """
 
-# KEYS[1] lock. ARGV[1] our token, ARGV[2] invalidation channel, ARGV[3] the unlock message.
+# KEYS[1] lock. ARGV[1] our token, ARGV[2] invalidation channel, ARGV[3] the message
+# (feed.unlock_message).
 # Returns 1 when released (and published, so waiting replicas look again), 0 when the lock
 # is not ours.
 _RELEASE = """
@@ -405,18 +417,25 @@ class RedisSessionStore:
         self._wait_replicas = settings.wait_replicas
         self._wait_timeout_ms = max(int(settings.wait_timeout_s * 1000), 1)
         self._prefix = settings.key_prefix
-        self._channel = f"{settings.key_prefix}:invalidate"
+        self._channel = channel_of(settings.key_prefix)
+        # The invalidation feed comes with the local cache (local_cache_s > 0); it also
+        # wakes lock waiters and session watchers (_wakeups), which poll without it.
+        self._feed: InvalidationFeed | None = None
         self._cache: LocalSessionCache | None = None
+        self._wakeups = Wakeups()
         if settings.local_cache_s > 0:
+            subscriber = RedisSubscriber(client, self._channel)
+            self._feed = InvalidationFeed(subscriber.subscribe, metrics, clock=clock)
             self._cache = LocalSessionCache(
-                client,
-                self._channel,
+                self._feed,
                 metrics,
                 max_age_s=settings.local_cache_s,
                 max_entries=settings.local_cache_size,
                 absolute_timeout_s=settings.absolute_timeout_s,
                 clock=clock,
             )
+            self._feed.add_listener(self._cache)
+            self._feed.add_listener(self._wakeups)
         self._idle_ms = settings.idle_timeout_s * 1000
         self._absolute_ms = settings.absolute_timeout_s * 1000
         # redis-py annotates register_script's `self` as Redis; RedisCluster has it too,
@@ -523,10 +542,19 @@ class RedisSessionStore:
     def cache(self) -> LocalSessionCache | None:
         return self._cache
 
+    @property
+    def feed(self) -> InvalidationFeed | None:
+        return self._feed
+
+    @property
+    def wakeups(self) -> Wakeups:
+        """Who waits on the feed's news now (``wait_for_unlock``, ``watch``)."""
+        return self._wakeups
+
     def start(self) -> None:
         """Start following invalidations (the local cache); ``aclose`` stops it."""
-        if self._cache is not None:
-            self._cache.start()
+        if self._feed is not None:
+            self._feed.start()
 
     async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         cache = self._cache
@@ -564,7 +592,7 @@ class RedisSessionStore:
             self._idle_ms,
             self._absolute_ms,
             self._channel,
-            storage_id,
+            invalidation_message(storage_id),
         ]
         async with self._translated():
             if self._wait_replicas:
@@ -575,8 +603,8 @@ class RedisSessionStore:
                 version = await self._replicated(key, "session", *command)
             else:
                 version = await self._compare_and_set(keys=[key], args=args)
-        if self._cache is not None:
-            self._cache.drop(storage_id)  # ours at once; other replicas by the publish
+        if self._feed is not None:
+            self._feed.invalidated_here(storage_id)  # ours at once; others by the publish
         if not version:
             return None
         return replace(session, version=int(version))
@@ -591,9 +619,10 @@ class RedisSessionStore:
             self._lock_key(storage_id),
             self._backoff_key(storage_id),
         ]
-        if self._cache is not None:
-            self._cache.drop(storage_id)
-        return int(await self._delete(keys=keys, args=[self._channel, storage_id]))
+        if self._feed is not None:
+            self._feed.invalidated_here(storage_id)
+        message = invalidation_message(storage_id)
+        return int(await self._delete(keys=keys, args=[self._channel, message]))
 
     async def delete_by_subject(self, subject: str) -> int:
         return await self._delete_indexed(self._index_key("sub", subject))
@@ -655,7 +684,7 @@ class RedisSessionStore:
         return bool(released)
 
     async def wait_for_unlock(self, handle: SessionHandle, timeout_s: float) -> None:
-        # A release is published (_RELEASE): while the local cache's subscription is up,
+        # A release is published (_RELEASE): while the invalidation feed is subscribed,
         # it wakes us, and a poll every _POLL_WITH_FEED_S only catches a lock that ran out
         # its TTL. Without the feed we poll with backoff; a key's expiry sends no message
         # without keyspace notifications. The caller's single flight keeps it to one waiter
@@ -665,11 +694,11 @@ class RedisSessionStore:
         key = self._lock_key(handle.storage_id)
         delay_s = _POLL_FIRST_S
         while True:
-            cache = self._cache
+            feed = self._feed
             with contextlib.ExitStack() as stack:
                 released = None
-                if cache is not None and cache.serving:
-                    released = stack.enter_context(cache.lock_released(handle.storage_id))
+                if feed is not None and feed.subscribed:
+                    released = stack.enter_context(self._wakeups.lock_released(handle.storage_id))
                 async with self._translated():
                     if not await self._client.exists(key):
                         return
@@ -709,14 +738,14 @@ class RedisSessionStore:
 
     @contextmanager
     def watch(self, storage_id: str) -> Iterator[SessionWatch]:
-        # Every write and end is published (_COMPARE_AND_SET, _DELETE) and reaches the local
-        # cache's subscription, while it is confirmed. Without it (local_cache_s 0, the feed
+        # Every write and end is published (_COMPARE_AND_SET, _DELETE) and reaches the
+        # invalidation feed, while it is subscribed. Without it (local_cache_s 0, the feed
         # down) nothing tells: the watcher polls.
-        cache = self._cache
-        if cache is None or not cache.serving:
+        feed = self._feed
+        if feed is None or not feed.subscribed:
             yield SessionWatch(asyncio.get_running_loop().create_future(), told=False)
             return
-        with cache.session_changed(storage_id) as changed:
+        with self._wakeups.session_changed(storage_id) as changed:
             yield SessionWatch(changed, told=True)
 
     async def ping(self) -> bool:
@@ -727,6 +756,8 @@ class RedisSessionStore:
             return False
 
     async def aclose(self) -> None:
+        if self._feed is not None:
+            await self._feed.aclose()
         if self._cache is not None:
             await self._cache.aclose()
         await self._client.aclose()

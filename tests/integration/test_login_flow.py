@@ -16,6 +16,7 @@ from gateway.sessions.crypto import derive_handle
 from gateway.sessions.model import Session
 from gateway.sessions.redis_store import RedisSessionStore
 from tests.integration.conftest import Bff, start_bff
+from tests.support.feed import feed_of, wait_subscribed
 from tests.support.idp import CLIENT_SECRET, OidcProviderProcess, complete_login
 from tests.support.redis_server import RedisServerProcess
 
@@ -271,8 +272,7 @@ async def test_redis_down_is_503_for_sessions_while_bearer_keeps_working(
         # breaks with Redis, and from then on every session request needs Redis.
         store = bff.app[STORE]
         assert isinstance(store, RedisSessionStore)
-        assert store.cache is not None
-        await store.cache.wait_serving(False, timeout_s=5)
+        await wait_subscribed(feed_of(store), False, timeout_s=5)
         status, body = await bff.api(browser, "/api/me")
         assert status == 503
         assert body["error"] == "session_store_unavailable"

@@ -29,10 +29,10 @@ from redis.crc import key_slot
 from gateway.errors import SessionStoreUnavailableError
 from gateway.metrics import Metrics
 from gateway.sessions.crypto import derive_handle
-from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
+from tests.support.feed import feed_of, hearing, wait_subscribed
 from tests.support.metrics import session_cache_reads
 from tests.support.redis_server import RedisServerProcess
 from tests.support.redis_topologies import SERVICE, ClusterTopology, SentinelTopology
@@ -83,16 +83,11 @@ async def two_replicas(url: str) -> AsyncIterator[Replicas]:
             store = RedisSessionStore(settings, build_redis(settings), registry)
             stores.append(store)
             store.start()
-            await cache_of(store).wait_serving(True, timeout_s=WAIT_S)
+            await wait_subscribed(feed_of(store), timeout_s=WAIT_S)
         yield Replicas(stores[0], stores[1], metrics[0])
     finally:
         for store in stores:
             await store.aclose()
-
-
-def cache_of(store: RedisSessionStore) -> LocalSessionCache:
-    assert store.cache is not None
-    return store.cache
 
 
 def new_session(subject: str = "alice") -> tuple[SessionHandle, Session]:
@@ -144,10 +139,10 @@ async def exercise(a: RedisSessionStore, b: RedisSessionStore) -> None:
     copy = await b.load(handle, cached=True)
     assert copy is not None
     assert await b.load(handle, cached=True) == copy  # kept
-    generation = cache_of(b).generation
-    saved = await a.save(handle, dataclasses.replace(created, access_token="access-2"))
-    assert saved is not None
-    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        saved = await a.save(handle, dataclasses.replace(created, access_token="access-2"))
+        assert saved is not None
+        await news.invalidation(handle.storage_id, timeout_s=WAIT_S)
     fresh = await b.load(handle, cached=True)
     assert fresh is not None
     assert (fresh.access_token, fresh.version) == ("access-2", saved.version)
@@ -173,11 +168,10 @@ async def exercise(a: RedisSessionStore, b: RedisSessionStore) -> None:
     for other in handles:
         await a.create(other, new_session("bob")[1])
         assert await b.load(other, cached=True) is not None
-    assert await a.delete_by_subject("bob") == 6
-    # Six publications, from up to three masters: each arrives on its own.
-    async with asyncio.timeout(WAIT_S):
-        while any(cache_of(b).get(other.storage_id) for other in handles):
-            await cache_of(b).wait_dropped(cache_of(b).generation, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        assert await a.delete_by_subject("bob") == 6
+        # Six publications, from up to three masters: each arrives on its own.
+        await news.invalidation(*(other.storage_id for other in handles), timeout_s=WAIT_S)
     for other in handles:
         assert await b.load(other, cached=True) is None
     token_id = secrets.token_hex(8)
@@ -275,7 +269,7 @@ class Outage:
 async def probe(store: RedisSessionStore, handle: SessionHandle, outage: Outage) -> None:
     """Load and save ``handle`` until a success follows a failure; any error but the store's
     own fails the test. (It ends by itself: a cancellation can be lost in redis-py on
-    Python 3.11, see ``local_cache._raise_if_cancelled``.)"""
+    Python 3.11, see ``feed._raise_if_cancelled``.)"""
     while not outage.recovered.is_set():
         outage.calls += 1
         try:
@@ -328,7 +322,7 @@ async def fail_over_sentinel(sentinel: SentinelTopology) -> None:
         outage = await ride_out(a, handle, kill)
         assert outage.failures > 0
         for store in (a, b):
-            await cache_of(store).wait_serving(True, timeout_s=WAIT_S)
+            await wait_subscribed(feed_of(store), timeout_s=WAIT_S)
         await exercise(a, b)
 
 
@@ -359,7 +353,7 @@ async def fail_over_cluster(cluster: ClusterTopology) -> None:
         outage = await ride_out(a, handle, kill)
         assert outage.failures > 0
         for store in (a, b):
-            await cache_of(store).wait_serving(True, timeout_s=WAIT_S)
+            await wait_subscribed(feed_of(store), timeout_s=WAIT_S)
         assert feed not in cluster.subscribed_to(CHANNEL)
         await exercise(a, b)
 

@@ -2,12 +2,13 @@
 
 A replica serves a session it loaded recently without asking Redis, and drops its copy the
 moment another replica writes or ends the session (Redis pub/sub), or when the feed of
-those invalidations breaks.
+those invalidations breaks. The feed itself, alone, is ``test_session_feed.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -17,13 +18,13 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.metrics import Metrics
-from gateway.sessions import local_cache, redis_store
+from gateway.sessions import redis_store
 from gateway.sessions.crypto import derive_handle
 from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session, SessionHandle
 from gateway.sessions.redis_store import RedisSessionStore, build_redis
 from gateway.settings import SessionSettings
-from tests.fakes.tcp_relay import TcpRelay
+from tests.support.feed import feed_of, hearing, wait_subscribed
 from tests.support.metrics import session_cache_reads
 from tests.support.redis_server import RedisServerProcess
 
@@ -43,6 +44,18 @@ def settings(url: str) -> SessionSettings:
     return SessionSettings(redis_url=url, key_prefix=PREFIX, local_cache_s=30)
 
 
+@contextlib.asynccontextmanager
+async def replica(url: str, metrics: Metrics | None = None) -> AsyncIterator[RedisSessionStore]:
+    """A store on ``url``, its feed subscribed; closed on exit."""
+    store = RedisSessionStore(settings(url), build_redis(settings(url)), metrics or Metrics())
+    try:
+        store.start()
+        await wait_subscribed(feed_of(store), timeout_s=WAIT_S)
+        yield store
+    finally:
+        await store.aclose()
+
+
 @pytest.fixture
 async def replicas(
     redis_server: RedisServerProcess,
@@ -51,18 +64,8 @@ async def replicas(
         redis_server.restart()
     raw = Redis.from_url(redis_server.url)
     await raw.flushall()
-    stores = []
-    for _ in range(2):
-        store = RedisSessionStore(
-            settings(redis_server.url), build_redis(settings(redis_server.url)), Metrics()
-        )
-        store.start()
-        assert store.cache is not None
-        await store.cache.wait_serving(True, timeout_s=WAIT_S)
-        stores.append(store)
-    yield stores[0], stores[1], raw
-    for store in stores:
-        await store.aclose()
+    async with replica(redis_server.url) as a, replica(redis_server.url) as b:
+        yield a, b, raw
     await raw.aclose()
 
 
@@ -117,12 +120,12 @@ async def test_a_hand_deleted_session_published_by_the_operator_is_dropped_every
     then PUBLISH its storage id on ``<key_prefix>:invalidate``."""
     a, b, raw = replicas
     handle, _ = await cached_on(a, a, b)
-    generations = cache_of(a).generation, cache_of(b).generation
-    await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")
-    assert await raw.publish(f"{PREFIX}:invalidate", handle.storage_id) == 2
-    for store, generation in zip((a, b), generations, strict=True):
-        await cache_of(store).wait_dropped(generation, timeout_s=WAIT_S)
-        assert await store.load(handle, cached=True) is None
+    with hearing(feed_of(a)) as on_a, hearing(feed_of(b)) as on_b:
+        await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")
+        assert await raw.publish(f"{PREFIX}:invalidate", handle.storage_id) == 2
+        for store, news in ((a, on_a), (b, on_b)):
+            await news.invalidation(handle.storage_id)
+            assert await store.load(handle, cached=True) is None
 
 
 async def test_an_end_on_one_replica_drops_the_copy_on_the_other(
@@ -130,9 +133,9 @@ async def test_an_end_on_one_replica_drops_the_copy_on_the_other(
 ) -> None:
     a, b, _ = replicas
     handle, _ = await cached_on(a, b)
-    generation = cache_of(b).generation
-    assert await a.delete(handle)
-    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        assert await a.delete(handle)
+        await news.invalidation(handle.storage_id)
     assert await b.load(handle, cached=True) is None
 
 
@@ -141,13 +144,13 @@ async def test_a_write_on_one_replica_reaches_the_other_and_its_own_copy_at_once
 ) -> None:
     a, b, _ = replicas
     handle, created = await cached_on(a, a, b)
-    generation = cache_of(b).generation
-    saved = await a.save(handle, dataclasses.replace(created, access_token="access-2"))
-    assert saved is not None
-    mine = await a.load(handle, cached=True)  # the writer's own copy is dropped at once
-    assert mine is not None
-    assert mine.access_token == "access-2"
-    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        saved = await a.save(handle, dataclasses.replace(created, access_token="access-2"))
+        assert saved is not None
+        mine = await a.load(handle, cached=True)  # the writer's own copy is dropped at once
+        assert mine is not None
+        assert mine.access_token == "access-2"
+        await news.invalidation(handle.storage_id)
     theirs = await b.load(handle, cached=True)
     assert theirs is not None
     assert (theirs.access_token, theirs.version) == ("access-2", saved.version)
@@ -160,9 +163,9 @@ async def test_back_channel_logout_by_subject_reaches_every_replica(
     handles = []
     for _ in range(3):
         handles.append((await cached_on(a, b))[0])
-    generation = cache_of(b).generation
-    assert await a.delete_by_subject("alice") == 3
-    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        assert await a.delete_by_subject("alice") == 3
+        await news.invalidation(*(handle.storage_id for handle in handles))
     for handle in handles:
         assert await b.load(handle, cached=True) is None
 
@@ -173,45 +176,12 @@ async def test_a_broken_invalidation_feed_drops_every_copy(
     _, b, raw = replicas
     handle, _ = await cached_on(b, b)
     await raw.delete(f"{PREFIX}:{{{handle.storage_id}}}:s")  # unpublished, unseen
-    generation = cache_of(b).generation
-    await raw.client_kill_filter(_type="pubsub")  # the feed breaks; Redis stays up
-    # redis-py reconnects and subscribes again; invalidations in between may be lost, so
-    # the new subscription empties the cache.
-    await cache_of(b).wait_dropped(generation, timeout_s=WAIT_S)
-    await cache_of(b).wait_serving(True, timeout_s=WAIT_S)
+    with hearing(feed_of(b)) as news:
+        await raw.client_kill_filter(_type="pubsub")  # the feed breaks; Redis stays up
+        # redis-py reconnects and subscribes again; invalidations in between may be lost,
+        # so the new subscription empties the cache.
+        await news.until(lambda: news.ups == 1)
     assert await b.load(handle, cached=True) is None
-
-
-async def test_a_feed_fallen_silent_is_given_up_and_its_copies_with_it(
-    replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
-    redis_server: RedisServerProcess,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A half-open subscription (a NAT forgot the flow) raises no error and brings no
-    message: the heartbeat notices, the copies go, and a new subscription takes over."""
-    monkeypatch.setattr(local_cache, "_HEARTBEAT_S", 0.05)
-    monkeypatch.setattr(local_cache, "_FRESH_S", 0.1)
-    monkeypatch.setattr(local_cache, "_SILENT_S", 0.3)
-    a, _, _ = replicas
-    relay = await TcpRelay("127.0.0.1", redis_server.port).start()
-    url = f"redis://127.0.0.1:{relay.port}/0"
-    quick = SessionSettings(redis_url=url, key_prefix=PREFIX, local_cache_s=30, redis_timeout_s=0.5)
-    metrics = Metrics()
-    b = RedisSessionStore(quick, build_redis(quick), metrics)
-    try:
-        b.start()
-        await cache_of(b).wait_serving(True, timeout_s=WAIT_S)
-        handle, _ = await cached_on(a, b)
-        assert relay.silence() >= 2  # the subscription and the pooled connection
-        assert await a.delete(handle)  # published; b hears nothing, and nothing fails
-        await cache_of(b).wait_serving(False, timeout_s=WAIT_S)
-        assert cache_of(b).get(handle.storage_id) is None
-        assert metrics.registry.get_sample_value("tokengate_session_store_errors_total") == 1
-        await cache_of(b).wait_serving(True, timeout_s=WAIT_S)  # subscribed anew
-        assert await b.load(handle, cached=True) is None  # the logout holds on b too
-    finally:
-        await b.aclose()
-        await relay.aclose()
 
 
 async def test_redis_gone_turns_the_cache_off(
@@ -221,7 +191,7 @@ async def test_redis_gone_turns_the_cache_off(
     _, b, _ = replicas
     handle, _ = await cached_on(b, b)
     redis_server.kill()
-    await cache_of(b).wait_serving(False, timeout_s=WAIT_S)
+    await wait_subscribed(feed_of(b), False, timeout_s=WAIT_S)
     assert cache_of(b).get(handle.storage_id) is None
     redis_server.restart()
 
@@ -233,22 +203,24 @@ async def evalsha_calls(raw: Redis) -> int:
 
 async def test_a_burst_on_an_uncached_session_makes_one_redis_read(
     replicas: tuple[RedisSessionStore, RedisSessionStore, Redis],
+    redis_server: RedisServerProcess,
 ) -> None:
-    a, b, raw = replicas
-    handle, session = new_session()
-    await a.create(handle, session)
-    await b.load(new_session()[0])  # the server knows the script: no NOSCRIPT retry below
-    before = await evalsha_calls(raw)
-    loaded = await asyncio.gather(*(b.load(handle, cached=True) for _ in range(100)))
-    assert {s.access_token if s else None for s in loaded} == {"access-1"}
-    assert await evalsha_calls(raw) - before == 1
-    assert await b.load(handle, cached=True) is not None  # kept: no Redis
-    assert b.cache is not None
-    assert session_cache_reads(b.cache._metrics) == {"miss": 1, "shared": 99, "hit": 1}
-    # Uncached reads (refresh, logout) never share: each asks Redis.
-    await asyncio.gather(*(b.load(handle) for _ in range(3)))
-    assert await evalsha_calls(raw) - before == 4
-    assert session_cache_reads(b.cache._metrics) == {"miss": 1, "shared": 99, "hit": 1}
+    a, _, raw = replicas
+    metrics = Metrics()
+    async with replica(redis_server.url, metrics) as b:
+        handle, session = new_session()
+        await a.create(handle, session)
+        await b.load(new_session()[0])  # the server knows the script: no NOSCRIPT retry below
+        before = await evalsha_calls(raw)
+        loaded = await asyncio.gather(*(b.load(handle, cached=True) for _ in range(100)))
+        assert {s.access_token if s else None for s in loaded} == {"access-1"}
+        assert await evalsha_calls(raw) - before == 1
+        assert await b.load(handle, cached=True) is not None  # kept: no Redis
+        assert session_cache_reads(metrics) == {"miss": 1, "shared": 99, "hit": 1}
+        # Uncached reads (refresh, logout) never share: each asks Redis.
+        await asyncio.gather(*(b.load(handle) for _ in range(3)))
+        assert await evalsha_calls(raw) - before == 4
+        assert session_cache_reads(metrics) == {"miss": 1, "shared": 99, "hit": 1}
 
 
 async def command_calls(raw: Redis, command: str) -> int:
@@ -274,13 +246,13 @@ async def test_a_lock_released_on_one_replica_wakes_the_waiter_on_another(
     waiter = asyncio.create_task(b.wait_for_unlock(handle, 30))
     done, _ = await asyncio.wait({waiter}, timeout=0.05)
     assert not done  # still locked: still waiting
-    assert handle.storage_id in b.cache._lock_waiters  # parked on the feed
+    assert b.wakeups.locks_awaited == 1  # parked on the feed
     assert await a.release_lock(handle, "holder")
     async with asyncio.timeout(WAIT_S):
         await waiter
     assert await command_calls(raw, "exists") - before == 2
     assert b.cache.get(handle.storage_id) is not None  # an unlock is no invalidation
-    assert b.cache._lock_waiters == {}
+    assert b.wakeups.locks_awaited == 0
 
 
 async def test_a_lock_whose_holder_died_is_noticed_by_the_fallback_poll(

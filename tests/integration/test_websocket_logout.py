@@ -26,6 +26,7 @@ from gateway.sessions.model import SessionHandle
 from gateway.sessions.redis_store import RedisSessionStore
 from gateway.settings import parse_settings
 from tests.integration.conftest import Bff, bff_config, free_port
+from tests.support.feed import feed_of, hearing, wait_subscribed
 from tests.support.redis_server import RedisServerProcess
 
 pytestmark = pytest.mark.integration
@@ -56,8 +57,8 @@ async def start_replica(bff: Bff, redis_url: str, **session: Any) -> tuple[Repli
     await server.start_server()
     store = app[STORE]
     assert isinstance(store, RedisSessionStore)
-    if store.cache is not None:
-        await store.cache.wait_serving(True, timeout_s=5.0)
+    if store.feed is not None:
+        await wait_subscribed(store.feed, timeout_s=5.0)
     return Replica(f"http://127.0.0.1:{port}", app), server
 
 
@@ -147,18 +148,17 @@ async def test_a_refresh_on_another_replica_keeps_the_websocket_open(
     cookie, handle = session_cookie(bff, browser)
     store = replica.app[STORE]
     assert isinstance(store, RedisSessionStore)
-    assert store.cache is not None
     async with aiohttp.ClientSession() as client:
         ws = await open_socket(client, replica, cookie)
         session = await bff.app[STORE].load(handle)
         assert session is not None
-        generation = store.cache.generation
-        written = await bff.app[STORE].save(
-            handle, dataclasses.replace(session, refreshed_at=time.time())
-        )
-        assert written is not None
-        # The write reached the replica holding the socket; it looked and found the session.
-        await store.cache.wait_dropped(generation, timeout_s=5.0)
+        with hearing(feed_of(store)) as news:
+            written = await bff.app[STORE].save(
+                handle, dataclasses.replace(session, refreshed_at=time.time())
+            )
+            assert written is not None
+            # The write reached the replica holding the socket; it looked and found it.
+            await news.invalidation(handle.storage_id, timeout_s=5.0)
         for n in range(3):
             await ws.send_str(f"after-{n}")
             assert await ws.receive_str() == f"echo:after-{n}"

@@ -1,19 +1,13 @@
-"""The local session cache's bookkeeping, without Redis: age, bounds, and racing loads."""
+"""The local session cache's bookkeeping, without Redis: age, bounds, racing loads, and
+what it does with the feed's news (told through its listener methods, by a stand-in feed)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from gateway.metrics import Metrics
-from gateway.sessions import local_cache
-from gateway.sessions.local_cache import FeedSilentError, LocalSessionCache
+from gateway.sessions.local_cache import LocalSessionCache
 from gateway.sessions.model import Session
 from tests.support.metrics import session_cache_reads
 
@@ -26,13 +20,36 @@ class Clock:
         return self.now
 
 
+class StandInFeed:
+    """A feed's state as the cache reads it: subscribed, and live (its heartbeat answers)."""
+
+    def __init__(self) -> None:
+        self.subscribed = True
+        self.live = True
+
+
+class Cached:
+    """A cache on a stand-in feed, up, with its metrics."""
+
+    def __init__(self, clock: Clock, **overrides: Any) -> None:
+        options: dict[str, Any] = {"max_age_s": 2.0, "max_entries": 3, "absolute_timeout_s": 3600}
+        options.update(overrides)
+        self.feed = StandInFeed()
+        self.metrics = Metrics()
+        self.cache = LocalSessionCache(self.feed, self.metrics, clock=clock, **options)
+
+    def down(self) -> None:
+        """The feed went down, as ``InvalidationFeed`` does it: state first, then news."""
+        self.feed.subscribed = self.feed.live = False
+        self.cache.on_down()
+
+    def up(self) -> None:
+        self.feed.subscribed = self.feed.live = True
+        self.cache.on_up()
+
+
 def serving_cache(clock: Clock, **overrides: Any) -> LocalSessionCache:
-    options: dict[str, Any] = {"max_age_s": 2.0, "max_entries": 3, "absolute_timeout_s": 3600}
-    options.update(overrides)
-    cache = LocalSessionCache(None, "ch", Metrics(), clock=clock, **options)  # type: ignore[arg-type]
-    cache._serving = True  # as after a confirmed subscription...
-    cache._heard_until = math.inf  # ...whose heartbeat always answers
-    return cache
+    return Cached(clock, **overrides).cache
 
 
 def session(created_at: float = 1000.0) -> Session:
@@ -61,21 +78,44 @@ def test_a_load_that_raced_an_invalidation_is_not_kept() -> None:
     clock = Clock()
     cache = serving_cache(clock)
     before = cache.generation  # the load is sent...
-    cache.drop("other")  # ...an invalidation arrives (any session: we cannot know)...
+    cache.on_invalidate("other")  # ...an invalidation arrives (any session: we cannot know)...
     cache.put("id", session(), before)  # ...the load's answer may predate it
     assert cache.get("id") is None
 
 
-def test_nothing_is_kept_or_served_while_not_serving() -> None:
+def test_nothing_is_kept_or_served_while_the_feed_is_down() -> None:
     clock = Clock()
-    cache = serving_cache(clock)
+    cached = Cached(clock)
+    cache = cached.cache
     cache.put("id", session(), cache.generation)
-    cache._stop_serving()
+    cached.down()
     assert cache.get("id") is None
     cache.put("id", session(), cache.generation)
-    cache._serving = True
-    cache._heard_until = math.inf
+    cached.feed.subscribed = cached.feed.live = True  # not kept while down, even once up
     assert cache.get("id") is None
+
+
+def test_the_feed_coming_back_empties_the_cache() -> None:
+    """A subscription confirmed again (redis-py reconnected by itself): what was published
+    in between is lost."""
+    cached = Cached(Clock())
+    cache = cached.cache
+    cache.put("id", session(), cache.generation)
+    before = cache.generation
+    cached.up()
+    assert cache.get("id") is None
+    cache.put("id", session(), before)  # loaded before the gap: not kept
+    assert cache.get("id") is None
+
+
+def test_copies_are_not_served_while_the_feed_is_late() -> None:
+    cached = Cached(Clock())
+    cache = cached.cache
+    cache.put("id", session(), cache.generation)
+    cached.feed.live = False  # subscribed, but no heartbeat answered lately
+    assert cache.get("id") is None
+    cached.feed.live = True
+    assert cache.get("id") is not None
 
 
 def test_the_oldest_copy_goes_first_past_the_bound() -> None:
@@ -121,7 +161,7 @@ async def test_after_an_invalidation_new_callers_start_a_new_load() -> None:
     first, second = GatedLoad(), GatedLoad(session(created_at=999.0))
     early = asyncio.ensure_future(cache.coalesce("id", first))
     await first.began.wait()
-    cache.drop("id")  # a write on some replica: the load under way may predate it
+    cache.on_invalidate("id")  # a write on some replica: the load under way may predate it
     late = asyncio.ensure_future(cache.coalesce("id", second))
     async with asyncio.timeout(5):  # a late caller that joined the old load never starts one
         await second.began.wait()
@@ -131,9 +171,10 @@ async def test_after_an_invalidation_new_callers_start_a_new_load() -> None:
     assert (first.started, second.started) == (1, 1)
 
 
-async def test_no_sharing_while_not_serving() -> None:
-    cache = serving_cache(Clock())
-    cache._stop_serving()
+async def test_no_sharing_while_the_feed_is_down() -> None:
+    cached = Cached(Clock())
+    cache = cached.cache
+    cached.down()
     load = GatedLoad()
     load.release.set()
     await asyncio.gather(*(cache.coalesce("id", load) for _ in range(3)))
@@ -165,9 +206,27 @@ async def test_a_failed_load_fails_every_caller_and_is_not_kept() -> None:
     assert cache.loads_under_way == 0
 
 
+async def test_a_load_under_way_is_not_shared_after_the_feed_went_down_or_came_back() -> None:
+    for news in ("down and up", "up"):
+        cached = Cached(Clock())
+        first, second = GatedLoad(), GatedLoad()
+        early = asyncio.ensure_future(cached.cache.coalesce("id", first))
+        await first.began.wait()
+        if news == "down and up":
+            cached.down()
+        cached.up()  # news sent meanwhile is lost: the load may predate some of it
+        late = asyncio.ensure_future(cached.cache.coalesce("id", second))
+        async with asyncio.timeout(5):
+            await second.began.wait()
+        first.release.set()
+        second.release.set()
+        assert (await early, await late) == (first.answer, second.answer)
+
+
 async def test_every_read_is_counted_by_how_the_cache_answered() -> None:
     clock = Clock()
-    cache = serving_cache(clock)
+    cached = Cached(clock)
+    cache = cached.cache
     load = GatedLoad()
     callers = [asyncio.ensure_future(cache.coalesce("id", load)) for _ in range(3)]
     await load.began.wait()
@@ -176,191 +235,19 @@ async def test_every_read_is_counted_by_how_the_cache_answered() -> None:
     cache.put("id", session(), cache.generation)
     assert cache.get("id") is not None
     assert cache.get("other") is None  # not counted here: its coalesce counts the miss
-    assert session_cache_reads(cache._metrics) == {"miss": 1, "shared": 2, "hit": 1}
-    cache._stop_serving()
+    assert session_cache_reads(cached.metrics) == {"miss": 1, "shared": 2, "hit": 1}
+    cached.down()
     assert cache.get("id") is None
     await cache.coalesce("id", load)
-    assert session_cache_reads(cache._metrics) == {"miss": 1, "shared": 2, "hit": 1, "off": 1}
+    assert session_cache_reads(cached.metrics) == {"miss": 1, "shared": 2, "hit": 1, "off": 1}
 
 
-async def test_a_lock_waiter_wakes_for_its_session_or_the_feed_going_down() -> None:
+async def test_aclose_cancels_the_loads_under_way() -> None:
     cache = serving_cache(Clock())
-    with cache.lock_released("id") as released:
-        cache.drop("other")
-        assert not released.done()
-        cache.drop("id")  # its session changed: look at the lock again
-        assert released.done()
-    with cache.lock_released("id") as released:
-        cache._stop_serving()  # no release can reach it any more: it must poll
-        assert released.done()
-    assert cache._lock_waiters == {}
-
-
-async def test_a_session_watcher_wakes_for_its_session_or_the_feed_going_down() -> None:
-    cache = serving_cache(Clock())
-    with cache.session_changed("id") as changed:
-        cache.drop("other")
-        assert not changed.done()
-        cache.drop("id")  # written or ended, on some replica: the watcher looks
-        assert changed.done()
-    with cache.session_changed("id") as changed:
-        cache._stop_serving()  # no end can reach it any more: it must poll
-        assert changed.done()
-    assert cache.watched == 0
-
-
-class FeedEnded(Exception):
-    """The scripted feed has nothing more to say."""
-
-
-Step = Callable[["ScriptedFeed"], dict[str, Any] | None]
-
-
-class ScriptedFeed:
-    """A subscription whose every read is the next step of a script; a step may move the
-    clock. Records the PINGs sent on it."""
-
-    def __init__(self, steps: list[Step]) -> None:
-        self.steps = deque(steps)
-        self.pings: list[str] = []
-
-    async def ping(self, payload: str) -> None:
-        self.pings.append(payload)
-
-    async def get_message(self, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109  # redis-py's signature
-        await asyncio.sleep(0)
-        if not self.steps:
-            raise FeedEnded
-        return self.steps.popleft()(self)
-
-
-def subscribed(feed: ScriptedFeed) -> dict[str, Any]:
-    return {"type": "subscribe", "channel": b"ch", "data": 1}
-
-
-def answer(index: int) -> Step:
-    return lambda feed: {"type": "pong", "channel": None, "data": feed.pings[index].encode()}
-
-
-def wait(clock: Clock, seconds: float) -> Step:
-    def step(feed: ScriptedFeed) -> None:
-        clock.now += seconds
-
-    return step
-
-
-async def follow(cache: LocalSessionCache, feed: ScriptedFeed) -> None:
-    with pytest.raises(FeedEnded):
-        await cache._follow(feed)  # type: ignore[arg-type]
-
-
-async def test_copies_are_served_only_while_a_recent_heartbeat_came_back() -> None:
-    clock = Clock()
-    cache = serving_cache(clock, max_age_s=60.0)
-    cache._stop_serving()
-    feed = ScriptedFeed([subscribed, answer(0)])
-    await follow(cache, feed)
-    assert feed.pings == ["hb:1"]  # sent at once on a confirmed subscription
-    cache.put("id", session(), cache.generation)
-    clock.now += local_cache._FRESH_S - 0.01
-    assert cache.get("id") is not None
-    clock.now += 0.02  # no newer answer: an invalidation may be stuck on the way
-    assert cache.get("id") is None
     load = GatedLoad()
-    load.release.set()
-    await cache.coalesce("id", load)
-    assert session_cache_reads(cache._metrics)["off"] == 1
-
-
-async def test_an_answer_counts_from_when_its_ping_was_sent() -> None:
-    clock = Clock()
-    cache = serving_cache(clock, max_age_s=60.0)
-    cache._stop_serving()
-    beat = local_cache._HEARTBEAT_S
-    # Two PINGs go out; the answer to the second arrives late, and answers the first too.
-    feed = ScriptedFeed([subscribed, wait(clock, beat), wait(clock, beat), answer(1)])
-    await follow(cache, feed)
-    assert feed.pings == ["hb:1", "hb:2", "hb:3"]
-    sent_second = 1000.0 + beat
-    assert cache._heard_until == sent_second + local_cache._FRESH_S
-
-
-async def test_a_feed_that_stops_answering_is_given_up() -> None:
-    clock = Clock()
-    cache = serving_cache(clock)
-    cache._stop_serving()
-    beat = local_cache._HEARTBEAT_S
-    steps: list[Step] = [subscribed, answer(0)]
-    steps += [wait(clock, beat)] * int(local_cache._SILENT_S / beat + 2)
-    feed = ScriptedFeed(steps)
-    with pytest.raises(FeedSilentError):
-        await cache._follow(feed)  # type: ignore[arg-type]
-    assert len(feed.steps) <= 1  # it gave up soon after the silence passed the limit
-    assert len(feed.pings) >= local_cache._SILENT_S / beat
-
-
-async def test_a_new_subscription_forgets_pings_sent_before_it() -> None:
-    clock = Clock()
-    cache = serving_cache(clock)
-    cache._stop_serving()
-    beat = local_cache._HEARTBEAT_S
-    silent = int(local_cache._SILENT_S / beat)
-    # redis-py reconnected on its own: PINGs on the old connection will never be answered.
-    steps: list[Step] = [subscribed, *[wait(clock, beat)] * (silent - 1), subscribed]
-    steps += [wait(clock, beat), wait(clock, beat), answer(-1)]  # past the first PING's limit
-    feed = ScriptedFeed(steps)
-    await follow(cache, feed)
-    assert cache.serving
-    assert cache._heard_until > clock.now
-
-
-class SwallowingFeed(ScriptedFeed):
-    """A PING that finishes as the cancellation comes and returns instead of raising it,
-    as redis-py's send through ``asyncio.wait_for`` does on Python 3.11
-    (python/cpython#86296); then reads that bring nothing, forever."""
-
-    def __init__(self) -> None:
-        super().__init__([subscribed])
-        self.sending = asyncio.Event()
-
-    async def ping(self, payload: str) -> None:
-        self.pings.append(payload)
-        self.sending.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()
-
-    async def get_message(self, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109  # redis-py's signature
-        if self.steps:
-            return await super().get_message(timeout)
-        await asyncio.sleep(0)
-        return None
-
-
-async def test_a_cancellation_swallowed_by_redis_py_still_stops_the_listener() -> None:
-    cache = serving_cache(Clock())
-    cache._stop_serving()
-    feed = SwallowingFeed()
-    listener = asyncio.create_task(cache._follow(feed))  # type: ignore[arg-type]
-    await feed.sending.wait()
-    listener.cancel()  # as aclose does, while the PING is being sent
-    with pytest.raises(asyncio.CancelledError):
-        async with asyncio.timeout(1.0):  # it kept reading, cancelled, until shutdown hung
-            await listener
-
-
-def published(text: str) -> Step:
-    return lambda feed: {"type": "message", "channel": b"ch", "data": text.encode()}
-
-
-async def test_a_session_watcher_wakes_for_a_published_write_or_end_never_for_an_unlock() -> None:
-    cache = serving_cache(Clock())
-    with cache.session_changed("id") as changed:
-        await follow(cache, ScriptedFeed([published("unlock:id other")]))
-        assert not changed.done()  # a released refresh lock says nothing of the session
-        await follow(cache, ScriptedFeed([published("other id")]))
-        assert changed.done()
-    with cache.session_changed("id") as changed:
-        # Subscribed again (redis-py reconnected): an end published meanwhile is lost.
-        await follow(cache, ScriptedFeed([subscribed]))
-        assert changed.done()
-    assert cache.watched == 0
+    caller = asyncio.ensure_future(cache.coalesce("id", load))
+    await load.began.wait()
+    await cache.aclose()
+    assert cache.loads_under_way == 0
+    (result,) = await asyncio.gather(caller, return_exceptions=True)
+    assert isinstance(result, asyncio.CancelledError)
