@@ -9,6 +9,8 @@ session stores, ``idp``), and their text never reaches a client.
     ├── BadRequestError                      400 invalid_request
     │   └── LoginStateError                  400 invalid_login_state
     ├── InvalidTokenError                    401 invalid_token   (WWW-Authenticate, RFC 6750)
+    │   ├── InvalidDpopProofError            401 invalid_dpop_proof (WWW-Authenticate: DPoP)
+    │   └── UseDpopNonceError                401 use_dpop_nonce  (DPoP-Nonce, RFC 9449 §9)
     ├── AuthenticationRequiredError          401 unauthenticated
     │   └── SessionExpiredError              401 session_expired (login_url)
     ├── InsufficientScopeError               403 insufficient_scope
@@ -24,6 +26,7 @@ session stores, ``idp``), and their text never reaches a client.
     ├── UpstreamUnavailableError             502 upstream_unavailable
     ├── SessionStoreUnavailableError         503 session_store_unavailable (Retry-After)
     ├── RefreshUnavailableError              503 refresh_unavailable (Retry-After)
+    ├── IntrospectionUnavailableError        503 introspection_unavailable (Retry-After)
     └── UpstreamTimeoutError                 504 upstream_timeout
 """
 
@@ -72,13 +75,39 @@ class InvalidTokenError(GatewayError):
     def __init__(self, description: str | None = None, *, result: str = "invalid") -> None:
         super().__init__(description)
         self.result = result  # a bounded metric label: expired, bad_signature, ...
+        # Set by ``auth`` when the token came with the DPoP scheme: the challenge is then
+        # DPoP's, with the algorithms we take (RFC 9449 §7.1).
+        self.dpop_algs: tuple[str, ...] | None = None
+        self.dpop_nonce: str | None = None
 
     def headers(self) -> dict[str, str]:
-        return {
+        description = _quote(self.description)
+        if self.dpop_algs is None:
+            challenge = f'Bearer error="{self.code}", error_description="{description}"'
+            return {"WWW-Authenticate": challenge}
+        algs = _quote(" ".join(self.dpop_algs))
+        headers = {
             "WWW-Authenticate": (
-                f'Bearer error="invalid_token", error_description="{_quote(self.description)}"'
+                f'DPoP error="{self.code}", error_description="{description}", algs="{algs}"'
             )
         }
+        if self.dpop_nonce is not None:
+            headers["DPoP-Nonce"] = self.dpop_nonce
+        return headers
+
+
+class InvalidDpopProofError(InvalidTokenError):
+    """The DPoP proof (RFC 9449 §4.3) is missing, malformed, replayed or does not fit."""
+
+    code = "invalid_dpop_proof"
+    default_description = "the DPoP proof is invalid"
+
+
+class UseDpopNonceError(InvalidTokenError):
+    """The proof lacks the server nonce we require, or carries a stale one (§8, §9)."""
+
+    code = "use_dpop_nonce"
+    default_description = "the DPoP proof must carry the nonce in DPoP-Nonce"
 
 
 class AuthenticationRequiredError(GatewayError):
@@ -98,9 +127,15 @@ class AuthenticationRequiredError(GatewayError):
         super().__init__(description)
         self.login_url = login_url
         self.set_cookie = set_cookie  # e.g. the deletion of a dead session cookie
+        # Set by ``auth`` where DPoP is taken: its challenge too, or alone where required.
+        self.dpop_algs: tuple[str, ...] | None = None
+        self.bearer = True
 
     def headers(self) -> dict[str, str]:
-        headers = {"WWW-Authenticate": "Bearer"}
+        challenges = ["Bearer"] if self.bearer else []
+        if self.dpop_algs is not None:
+            challenges.append(f'DPoP algs="{_quote(" ".join(self.dpop_algs))}"')
+        headers = {"WWW-Authenticate": ", ".join(challenges)}
         if self.set_cookie:
             headers["Set-Cookie"] = self.set_cookie
         return headers
@@ -219,6 +254,18 @@ class RefreshUnavailableError(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class IntrospectionUnavailableError(GatewayError):
+    """The provider's introspection endpoint cannot say whether the token is active: fail
+    closed (RFC 7662 gives no default; accepting would let a revoked token through)."""
+
+    status = 503
+    code = "introspection_unavailable"
+    default_description = "the token could not be checked with its issuer; try again"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
 class UpstreamTimeoutError(GatewayError):

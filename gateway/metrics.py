@@ -80,7 +80,34 @@ class Metrics:
         )
         self.token_validations_total = Counter(
             "tokengate_token_validations_total",
-            "Bearer token validations, by result.",
+            "Bearer token validations, by provider (- when none could be picked) and result.",
+            ("provider", "result"),
+            registry=r,
+        )
+        self.introspection_total = Counter(
+            "tokengate_introspection_total",
+            "Calls to a provider's introspection endpoint (RFC 7662), by result: active, "
+            "inactive, error.",
+            ("provider", "result"),
+            registry=r,
+        )
+        self.introspection_duration_seconds = Histogram(
+            "tokengate_introspection_duration_seconds",
+            "Introspection call latency, by provider.",
+            ("provider",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.introspection_cache_total = Counter(
+            "tokengate_introspection_cache_total",
+            "Introspection answers by where they came from: hit (this process), shared "
+            "(Redis), stale (past its TTL, the endpoint unavailable), miss (asked the endpoint).",
+            ("provider", "result"),
+            registry=r,
+        )
+        self.dpop_proofs_total = Counter(
+            "tokengate_dpop_proofs_total",
+            "DPoP proofs checked at ingress, by result (valid, or why not).",
             ("result",),
             registry=r,
         )

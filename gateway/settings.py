@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -50,6 +50,7 @@ _REDIS_SCHEMES = frozenset(
 # A query parameter of a Redis URL whose value is a secret (redis-py's `password`, a
 # Sentinel's `sentinel_password`, a key file's `ssl_password`).
 _URL_SECRET_PARAM = re.compile(r"(^|&)([^=&]*password=)[^&]*")
+OIDC_PROVIDER = "oidc"  # the provider the oidc section makes
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -157,57 +158,18 @@ class LimitsSettings(Section):
     max_connections: int = Field(4096, ge=1)
 
 
-class OidcSettings(Section):
-    issuer: str | None = None
-    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
-    jwks_uri: str | None = None  # set to skip discovery for bearer-only deployments
+class ClientAuthSettings(Section):
+    """How tokengate authenticates as an OAuth 2.0 client (token, revocation, introspection)."""
+
     client_id: str = ""
     client_secret: SecretStr | None = None
     client_auth: ClientAuth | None = None  # default: client_secret_basic with a secret, else none
     private_key: SecretStr | None = None  # PEM, for private_key_jwt (usually private_key_file)
     private_key_id: str | None = None
     private_key_alg: Literal["RS256", "PS256", "ES256", "EdDSA"] = "RS256"
-    post_logout_redirect_uri: str | None = None  # default: {public_url}/
-    scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
-    audience: OneOrMany = ()
-    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
-    leeway_s: float = Field(30.0, ge=0, le=300)
-    timeout_s: float = Field(5.0, gt=0, le=60)
-    jwks_refetch_interval_s: float = Field(30.0, ge=0)  # unknown kid: at most one fetch per this
-    jwks_max_age_s: float = Field(3600.0, gt=0)  # periodic refresh when no Cache-Control says
-    token_cache_size: int = Field(1024, ge=0)  # verified tokens kept (about 2.5 KB each)
-    # Access tokens must say they are (typ at+jwt, RFC 9068 §2.1); off: no typ or JWT pass too.
-    require_at_jwt: bool = False
-    # Login (authorization request) tuning.
-    prompt: str | None = None
-    consent_for_offline_access: bool = False  # send prompt=consent with offline_access
-    acr_values: str | None = None
-    extra_auth_params: dict[str, str] = Field(default_factory=dict)
-    claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
-
-    @field_validator("issuer", "discovery_url", "jwks_uri", "post_logout_redirect_uri")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        return None if value is None else parse_http_url(value, allow_http=False)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _check_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("must list at least one algorithm")
-        for alg in value:
-            if alg.lower() == "none":
-                raise ValueError("'none' is never accepted")
-            if alg.upper().startswith("HS"):
-                # SECURITY: keys come from the issuer's public JWKS; an HS* allowlist would
-                # let a public key be used as an HMAC secret (algorithm confusion).
-                raise ValueError(f"{alg} (HMAC) cannot be used with an issuer's public keys")
-            if alg not in _ASYMMETRIC_ALGS:
-                raise ValueError(f"unknown algorithm {alg!r}")
-        return value
 
     @model_validator(mode="after")
-    def _check_client_auth(self) -> OidcSettings:
+    def _check_client_auth(self) -> Self:
         method = self.effective_client_auth
         if method in ("client_secret_basic", "client_secret_post") and self.client_secret is None:
             raise ValueError(f"client_auth {method} needs client_secret (or client_secret_file)")
@@ -221,6 +183,45 @@ class OidcSettings(Section):
             return self.client_auth
         return "client_secret_basic" if self.client_secret is not None else "none"
 
+
+class IssuerSettings(Section):
+    """What it takes to trust one issuer's JWTs: where its keys are, and the rules."""
+
+    issuer: str | None = None
+    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
+    jwks_uri: str | None = None  # set to skip discovery for bearer-only deployments
+    audience: OneOrMany = ()
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    leeway_s: float = Field(30.0, ge=0, le=300)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    jwks_refetch_interval_s: float = Field(30.0, ge=0)  # unknown kid: at most one fetch per this
+    jwks_max_age_s: float = Field(3600.0, gt=0)  # periodic refresh when no Cache-Control says
+    token_cache_size: int = Field(1024, ge=0)  # verified tokens kept (about 2.5 KB each)
+    # Access tokens must say they are (typ at+jwt, RFC 9068 §2.1); off: no typ or JWT pass too.
+    require_at_jwt: bool = False
+    # TLS trust for this issuer's endpoints (PEM bundle; default: the system's), and a
+    # Bearer token file sent with discovery and JWKS requests, re-read on each fetch (a
+    # Kubernetes API server's /openid/v1/jwks, with the pod's projected token).
+    ca_file: str | None = None
+    fetch_token_file: str | None = None
+
+    @field_validator("issuer", "discovery_url", "jwks_uri")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_asymmetric_algorithms(value)
+
+    @field_validator("ca_file", "fetch_token_file")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
     @property
     def effective_discovery_url(self) -> str | None:
         if self.discovery_url:
@@ -228,6 +229,118 @@ class OidcSettings(Section):
         if self.issuer:
             return f"{self.issuer}/.well-known/openid-configuration"
         return None
+
+
+def check_asymmetric_algorithms(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("must list at least one algorithm")
+    for alg in value:
+        if alg.lower() == "none":
+            raise ValueError("'none' is never accepted")
+        if alg.upper().startswith("HS"):
+            # SECURITY: keys come from the issuer's public JWKS; an HS* allowlist would
+            # let a public key be used as an HMAC secret (algorithm confusion).
+            raise ValueError(f"{alg} (HMAC) cannot be used with an issuer's public keys")
+        if alg not in _ASYMMETRIC_ALGS:
+            raise ValueError(f"unknown algorithm {alg!r}")
+    return value
+
+
+class OidcSettings(IssuerSettings, ClientAuthSettings):
+    """The login's OpenID Provider; its tokens are also the first trusted provider's."""
+
+    post_logout_redirect_uri: str | None = None  # default: {public_url}/
+    scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
+    # Login (authorization request) tuning.
+    prompt: str | None = None
+    consent_for_offline_access: bool = False  # send prompt=consent with offline_access
+    acr_values: str | None = None
+    extra_auth_params: dict[str, str] = Field(default_factory=dict)
+    claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
+
+    @field_validator("post_logout_redirect_uri")
+    @classmethod
+    def _check_logout_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
+
+
+class IntrospectionSettings(ClientAuthSettings):
+    """RFC 7662 at one provider: the endpoint, our client credentials, and the cache."""
+
+    endpoint: str | None = None  # default: discovery's introspection_endpoint
+    # An active answer is kept until the token's exp, at most this long; an inactive one
+    # this long (a revoked token is seen within it).
+    cache_ttl_s: float = Field(60.0, ge=0, le=3600)
+    negative_cache_ttl_s: float = Field(5.0, ge=0, le=300)
+    cache_size: int = Field(10000, ge=0)  # tokens kept per process (by digest)
+    shared_cache: bool = False  # also in Redis (session.redis_url), keyed by the digest
+    # The endpoint unavailable: serve an active answer this long past its cache TTL (never
+    # past the token's exp); 0: fail closed at once (503 introspection_unavailable).
+    stale_if_error_s: float = Field(0.0, ge=0, le=3600)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
+
+    @model_validator(mode="after")
+    def _check_client(self) -> IntrospectionSettings:
+        # RFC 7662 §2.1: the endpoint must know who asks.
+        if not self.client_id or self.effective_client_auth == "none":
+            raise ValueError("introspection needs client_id and a client authentication")
+        return self
+
+
+class ProviderSettings(IssuerSettings):
+    """One trusted issuer of access tokens, picked by a token's ``iss``."""
+
+    name: str
+    validation: Literal["jwt", "introspection"] = "jwt"
+    introspection: IntrospectionSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _ROUTE_NAME.match(value):
+            raise ValueError("name must be lowercase letters, digits, '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_provider(self) -> ProviderSettings:
+        if self.validation == "introspection" and self.introspection is None:
+            raise ValueError("validation introspection needs an introspection section")
+        return self
+
+
+class DpopSettings(Section):
+    """DPoP proofs at ingress (RFC 9449 §4.3, §7), for every route that takes tokens."""
+
+    algorithms: tuple[str, ...] = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
+    max_age_s: float = Field(60.0, gt=0, le=600)  # a proof's iat may be this old
+    leeway_s: float = Field(5.0, ge=0, le=60)  # and this far ahead of our clock
+    # Proofs seen (jti) within max_age_s + leeway_s: in Redis (session.redis_url), shared by
+    # every replica, or in this process. Default: redis when sessions use Redis, else memory.
+    replay_store: Literal["redis", "memory"] | None = None
+    nonce: bool = False  # require server nonces (§8); DPoP-Nonce is sent with every 401
+    nonce_secret: SecretStr | None = None  # every replica the same; needed with nonce
+    nonce_lifetime_s: float = Field(300.0, ge=10, le=3600)
+    # What the upstream receives: the request as the client sent it (Authorization: DPoP and
+    # the DPoP header), or Authorization: Bearer and the verified key's thumbprint.
+    upstream: Literal["as_received", "bearer"] = "as_received"
+    thumbprint_header: str = "X-DPoP-Thumbprint"
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_asymmetric_algorithms(value)
+
+    @model_validator(mode="after")
+    def _check_nonce(self) -> DpopSettings:
+        if self.nonce and self.nonce_secret is None:
+            raise ValueError("nonce needs nonce_secret (or nonce_secret_file)")
+        if self.nonce_secret is not None and len(self.nonce_secret.get_secret_value()) < 32:
+            raise ValueError("nonce_secret must be at least 32 characters")
+        return self
 
 
 class JsonResponsePaths(Section):
@@ -401,6 +514,12 @@ class RouteSettings(Section):
     # After an upstream 401 and a refreshed token, requests are replayed only when their
     # method is idempotent (RFC 9110 §9.2.2); true replays POST and PATCH too.
     replay_non_idempotent_after_refresh: bool = False
+    # Bearer tokens: the providers whose tokens this route takes (names; default: all), a
+    # DPoP proof required (RFC 9449; no plain Bearer token then), and JWTs introspected too
+    # (revocation-sensitive routes; their provider needs an introspection section).
+    providers: tuple[str, ...] = ()
+    require_dpop: bool = False
+    introspect_jwts: bool = False
 
     @field_validator("prefix")
     @classmethod
@@ -493,6 +612,8 @@ class Settings(BaseSettings):
     upstream: UpstreamClientSettings = UpstreamClientSettings()
     forwarded: ForwardedSettings = ForwardedSettings()
     oidc: OidcSettings = OidcSettings()
+    providers: tuple[ProviderSettings, ...] = ()  # trusted besides oidc's issuer
+    dpop: DpopSettings = DpopSettings()
     refresh: RefreshSettings = RefreshSettings()
     session: SessionSettings = SessionSettings()
     csrf: CsrfSettings = CsrfSettings()
@@ -535,10 +656,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"routes.{index}.prefix: /auth/ is reserved for tokengate")
             seen_prefix[route.prefix] = index
             seen_name[route.name] = index
-            # `session` alone may do without: capture routes make sessions (checked below).
-            bearer = route.auth in ("bearer", "session_or_bearer")
-            if bearer and not (self.oidc.issuer or self.oidc.jwks_uri):
-                raise ValueError(f"routes.{index}.auth: {route.auth} needs oidc.issuer")
+            self._check_route_providers(index, route)
         if not self.session.cookie_secure and not (
             self.public_url.startswith("http://")
             and is_loopback_host(urlsplit(self.public_url).hostname)
@@ -549,10 +667,7 @@ class Settings(BaseSettings):
             )
         if self.listen.port == self.admin.port and self.listen.port != 0:
             raise ValueError("admin.port: must differ from listen.port")
-        validates_bearer = any(r.auth in ("bearer", "session_or_bearer") for r in self.routes)
-        if validates_bearer and not self.oidc.audience:
-            # SECURITY: without an audience, any token of the issuer (for any API) would do.
-            raise ValueError("oidc.audience: required when a route accepts Bearer tokens")
+        self._check_providers()
         captures = any(r.capture_tokens is not None for r in self.routes)
         if self.uses_sessions and not (self.uses_oidc_login or captures):
             raise ValueError(
@@ -561,6 +676,80 @@ class Settings(BaseSettings):
         if self.workers > 1 and self.session.store == "memory" and self.uses_sessions:
             raise ValueError("session.store: memory cannot be shared by workers > 1")
         return self
+
+    def _check_providers(self) -> None:
+        names: set[str] = set()
+        issuers: set[str] = set()
+        for index, provider in enumerate(self.token_providers):
+            from_oidc = not index and bool(self.oidc.issuer or self.oidc.jwks_uri)
+            where = (
+                "oidc"
+                if from_oidc
+                else f"providers.{index - 1 if self.oidc.issuer or self.oidc.jwks_uri else index}"
+            )
+            if provider.name in names:
+                raise ValueError(f"providers: the name {provider.name!r} is used twice")
+            names.add(provider.name)
+            if provider.issuer is None:
+                if len(self.token_providers) > 1 or where == "providers":
+                    # A token's provider is picked by its iss: each one needs its own.
+                    raise ValueError(f"{where}.issuer: required when several providers are trusted")
+            elif provider.issuer in issuers:
+                raise ValueError(f"{where}: issuer {provider.issuer} is trusted twice")
+            else:
+                issuers.add(provider.issuer)
+            accepted = any(
+                r.auth in ("bearer", "session_or_bearer")
+                and (not r.providers or provider.name in r.providers)
+                for r in self.routes
+            )
+            if accepted and not provider.audience:
+                # SECURITY: without an audience, any token of the issuer (for any API) would do.
+                raise ValueError(f"{where}.audience: required when a route accepts its tokens")
+        if self.dpop.replay_store == "redis" and self.session.store != "redis":
+            raise ValueError("dpop.replay_store: redis needs session.store: redis")
+        shared = [
+            p.name for p in self.providers if p.introspection and p.introspection.shared_cache
+        ]
+        if shared and self.session.store != "redis":
+            raise ValueError("introspection.shared_cache needs session.store: redis")
+
+    def _check_route_providers(self, index: int, route: RouteSettings) -> None:
+        # `session` alone may do without: capture routes make sessions (checked below).
+        if route.auth not in ("bearer", "session_or_bearer"):
+            if route.providers or route.require_dpop or route.introspect_jwts:
+                raise ValueError(f"routes.{index}: providers, dpop and introspection need Bearer")
+            return
+        known = {p.name: p for p in self.token_providers}
+        if not known:
+            raise ValueError(f"routes.{index}.auth: {route.auth} needs oidc.issuer or providers")
+        unknown = [name for name in route.providers if name not in known]
+        if unknown:
+            raise ValueError(f"routes.{index}.providers: no provider named {unknown[0]!r}")
+        accepted = [known[name] for name in route.providers] or list(known.values())
+        opaque = [p.name for p in accepted if p.validation == "introspection"]
+        if len(opaque) > 1:
+            # An opaque token names no issuer: only one provider can be asked about it.
+            raise ValueError(f"routes.{index}.providers: more than one introspection provider")
+        if route.introspect_jwts:
+            lacking = [p.name for p in accepted if p.introspection is None]
+            if lacking:
+                raise ValueError(
+                    f"routes.{index}.introspect_jwts: provider {lacking[0]!r} has no introspection"
+                )
+
+    @property
+    def token_providers(self) -> tuple[ProviderSettings, ...]:
+        """Every trusted issuer of access tokens: oidc's first (named ``oidc``), then
+        ``providers``. A provider is picked by a token's ``iss`` (``tokens.providers``)."""
+        listed = self.providers
+        if not (self.oidc.issuer or self.oidc.jwks_uri):
+            return listed
+        fields = IssuerSettings.model_fields.keys()
+        oidc = ProviderSettings(
+            name=OIDC_PROVIDER, **{name: getattr(self.oidc, name) for name in fields}
+        )
+        return (oidc, *listed)
 
     @property
     def uses_sessions(self) -> bool:

@@ -8,16 +8,12 @@ status and the ``error`` field. Locking and storing the result are ``sessions.re
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
-import time
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
-import jwt
 
+from gateway.idp.client_auth import ClientAuthentication
 from gateway.idp.discovery import Discovery
 from gateway.idp.tokens import (
     IdpUnavailable,
@@ -35,7 +31,6 @@ log = logging.getLogger(__name__)
 
 # RFC 6749 §5.2: the grant (code or refresh token) is dead; anything else is not the user's.
 _DEAD_GRANT_ERRORS = frozenset({"invalid_grant"})
-_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 class OAuth2Client:
@@ -55,6 +50,7 @@ class OAuth2Client:
         self._http = http
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=refresh.timeout_s)
+        self._client_auth = ClientAuthentication(oidc)
 
     async def exchange_code(self, code: str, code_verifier: str, redirect_uri: str) -> TokenSet:
         form = {
@@ -117,7 +113,7 @@ class OAuth2Client:
 
     async def _post(self, endpoint: str, form: dict[str, str], *, call: str) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
-        form = {**form, **self._client_auth(endpoint, headers)}
+        form = {**form, **self._client_auth.fields(endpoint, headers)}
         with idp_call(self._metrics, call):
             async with self._http.post(
                 endpoint, data=form, headers=headers, timeout=self._timeout
@@ -128,45 +124,3 @@ class OAuth2Client:
                 except ValueError:
                     body = None
         return status, body
-
-    def _client_auth(self, endpoint: str, headers: dict[str, str]) -> dict[str, str]:
-        """Form fields for the client authentication (and the Basic header, in place)."""
-        oidc = self._oidc
-        method = oidc.effective_client_auth
-        secret = oidc.client_secret.get_secret_value() if oidc.client_secret else ""
-        if method == "client_secret_basic":
-            # RFC 6749 §2.3.1: both parts form-urlencoded before base64.
-            pair = f"{quote(oidc.client_id, safe='')}:{quote(secret, safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-            return {}
-        if method == "client_secret_post":
-            return {"client_id": oidc.client_id, "client_secret": secret}
-        if method == "private_key_jwt":
-            return {
-                "client_id": oidc.client_id,
-                "client_assertion_type": _ASSERTION_TYPE,
-                "client_assertion": self._client_assertion(endpoint),
-            }
-        return {"client_id": oidc.client_id}
-
-    def _client_assertion(self, endpoint: str) -> str:
-        """RFC 7523 §3: a short-lived JWT signed with our private key, one use (jti)."""
-        oidc = self._oidc
-        assert oidc.private_key is not None  # checked by the settings
-        # Real time, not the app's clock: the IdP checks iat and exp against its own.
-        now = int(time.time())
-        claims = {
-            "iss": oidc.client_id,
-            "sub": oidc.client_id,
-            "aud": endpoint,
-            "jti": secrets.token_urlsafe(24),
-            "iat": now,
-            "exp": now + 60,
-        }
-        headers = {"kid": oidc.private_key_id} if oidc.private_key_id else None
-        return jwt.encode(
-            claims,
-            oidc.private_key.get_secret_value(),
-            algorithm=oidc.private_key_alg,
-            headers=headers,
-        )
