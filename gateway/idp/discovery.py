@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from gateway.idp.tokens import IdpUnavailable
-from gateway.settings import OidcSettings
+from gateway.settings import IssuerSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ProviderMetadata:
 class Discovery:
     """Owns the provider metadata; ``load`` fetches it once, concurrent callers share it."""
 
-    def __init__(self, settings: OidcSettings, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: IssuerSettings, http: aiohttp.ClientSession) -> None:
         self._settings = settings
         self._http = http
         self._metadata: ProviderMetadata | None = None

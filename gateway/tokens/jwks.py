@@ -24,7 +24,7 @@ from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
 from gateway.idp.tokens import IdpUnavailable
 from gateway.metrics import Metrics
-from gateway.settings import OidcSettings
+from gateway.settings import IssuerSettings
 from gateway.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class JwksCache:
 
     def __init__(
         self,
-        settings: OidcSettings,
+        settings: IssuerSettings,
         discovery: Discovery,
         http: aiohttp.ClientSession,
         metrics: Metrics,
