@@ -35,8 +35,10 @@ from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.sessions.model import SessionStore
 from gateway.sessions.refresh import Refresher
-from gateway.settings import Settings
-from gateway.tokens.jwks import JwksCache
+from gateway.settings import OIDC_PROVIDER, Settings
+from gateway.tokens.dpop import DpopVerifier
+from gateway.tokens.providers import TokenProviders, build_providers
+from gateway.tokens.shared import MemoryTokenState, RedisTokenState, TokenState
 from gateway.tokens.validator import TokenValidator
 from gateway.upstream import Upstream
 
@@ -52,8 +54,9 @@ UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 UPSTREAM_POOL = web.AppKey("upstream_pool", Http1Pool)
 IDP_HTTP = web.AppKey("idp_http", aiohttp.ClientSession)
 DISCOVERY = web.AppKey("discovery", Discovery)
-JWKS = web.AppKey("jwks", JwksCache)
-VALIDATOR = web.AppKey("validator", TokenValidator)
+PROVIDERS = web.AppKey("providers", TokenProviders)
+VALIDATOR = web.AppKey("validator", TokenValidator)  # the oidc provider's, for ID tokens
+DPOP = web.AppKey("dpop", DpopVerifier)
 STORE: web.AppKey[SessionStore] = web.AppKey("session_store")
 REFRESHER = web.AppKey("refresher", Refresher)
 SESSIONS = web.AppKey("session_authenticator", SessionAuthenticator)
@@ -109,25 +112,47 @@ async def idp_http(app: web.Application) -> AsyncIterator[None]:
 
 
 async def token_keys(app: web.Application) -> AsyncIterator[None]:
-    """Discovery, the JWKS cache with its refresh task, and the validator built on them."""
+    """The trusted providers (discovery, key sets with their refresh tasks, validators,
+    introspection), the state DPoP and introspection keep, and the DPoP verifier."""
     settings = app[SETTINGS]
-    if not (settings.oidc.issuer or settings.oidc.jwks_uri):
+    if not settings.token_providers:
         yield
         return
-    discovery = Discovery(settings.oidc, app[IDP_HTTP])
-    jwks = JwksCache(settings.oidc, discovery, app[IDP_HTTP], app[METRICS])
-    app[DISCOVERY] = discovery
-    app[JWKS] = jwks
-    app[VALIDATOR] = TokenValidator(settings.oidc, jwks, app[METRICS], clock=app[CLOCK])
+    state = _token_state(settings)
+    providers = build_providers(
+        settings.token_providers, app[IDP_HTTP], app[METRICS], shared=state, clock=app[CLOCK]
+    )
+    app[PROVIDERS] = providers
+    oidc = providers.get(OIDC_PROVIDER)
+    if oidc is not None and oidc.validator is not None:
+        app[VALIDATOR] = oidc.validator  # ID and logout tokens (login, back-channel logout)
+        if oidc.discovery is not None:
+            app[DISCOVERY] = oidc.discovery
+    app[DPOP] = DpopVerifier(settings.dpop, state, app[METRICS], clock=app[CLOCK])
 
     async def keys_loaded() -> bool:
-        return jwks.ready
+        return providers.ready
 
     app[READINESS].add_check("keys", keys_loaded)
-    jwks.start()
+    providers.start()
     yield
     app[READINESS].remove_check("keys")
-    await jwks.aclose()
+    await providers.aclose()
+    await state.aclose()
+
+
+def _token_state(settings: Settings) -> TokenState:
+    """Redis when DPoP's replay cache or an introspection cache is to be shared, else this
+    process's memory. Its own client: the session store's calls keep their deadlines."""
+    shared = settings.dpop_replay_store == "redis" or any(
+        p.introspection is not None and p.introspection.shared_cache
+        for p in settings.token_providers
+    )
+    if not shared:
+        return MemoryTokenState()
+    from gateway.sessions.redis_store import build_redis  # see session_store
+
+    return RedisTokenState(build_redis(settings.session), settings.session.key_prefix)
 
 
 async def session_store(app: web.Application) -> AsyncIterator[None]:
@@ -243,8 +268,16 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
             if settings.uses_sessions
             else ()
         ),
+        dpop_upstream=settings.dpop.upstream,
+        thumbprint_header=settings.dpop.thumbprint_header,
     )
-    auth = Authenticator(app.get(VALIDATOR), app.get(SESSIONS), clock=app[CLOCK])
+    auth = Authenticator(
+        app.get(PROVIDERS),
+        app.get(SESSIONS),
+        dpop=app.get(DPOP),
+        public_url=settings.public_url,
+        clock=app[CLOCK],
+    )
     app[PROXY] = Proxy(
         RouteTable.build(settings.routes),
         auth,

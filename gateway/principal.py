@@ -18,6 +18,10 @@ class Principal:
     access_token: str = field(repr=False)  # SECURITY: never in a repr, so never in a log
     via: Literal["bearer", "session"] = "bearer"
     handle: SessionHandle | None = field(default=None, repr=False)  # session requests only
+    provider: str = ""  # the trusted issuer's name (``tokens.providers``); "" for sessions
+    # The token's DPoP binding (cnf.jkt, RFC 9449 §6): ``auth`` lets such a token through
+    # only with a proof signed by that key.
+    dpop_jkt: str | None = None
 
 
 def parse_scopes(claims: Mapping[str, Any]) -> frozenset[str]:

@@ -64,6 +64,10 @@ class Route:
     capture: CaptureSettings | None = field(default=None, compare=False)  # a login API
     # POST and PATCH are replayed after a refresh too (idempotent methods always are).
     replay_non_idempotent: bool = False
+    # Bearer tokens: the providers taken (empty: all), DPoP required, JWTs introspected too.
+    providers: frozenset[str] = frozenset()
+    require_dpop: bool = False
+    introspect_jwts: bool = False
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -91,6 +95,9 @@ class Route:
             max_body_bytes=settings.max_body_bytes,
             capture=settings.capture_tokens,
             replay_non_idempotent=settings.replay_non_idempotent_after_refresh,
+            providers=frozenset(settings.providers),
+            require_dpop=settings.require_dpop,
+            introspect_jwts=settings.introspect_jwts,
         )
 
     def matches(self, path: str) -> bool:

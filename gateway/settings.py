@@ -752,6 +752,14 @@ class Settings(BaseSettings):
         return (oidc, *listed)
 
     @property
+    def dpop_replay_store(self) -> Literal["redis", "memory"]:
+        """Where DPoP proofs seen are kept: as configured, else with the sessions' Redis
+        when sessions use one, else in memory (one process's view)."""
+        if self.dpop.replay_store is not None:
+            return self.dpop.replay_store
+        return "redis" if self.session.store == "redis" and self.uses_sessions else "memory"
+
+    @property
     def uses_sessions(self) -> bool:
         return any(
             r.auth in ("session", "session_or_bearer") or r.capture_tokens is not None
@@ -809,4 +817,6 @@ def dump_settings(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data, every secret masked."""
     data = settings.model_dump(mode="json", by_alias=True)  # SecretStr dumps as '**********'
     data["session"]["redis_url"] = mask_url_password(settings.session.redis_url)
+    # The providers tokens are judged by, oidc's included: what routes' `providers` name.
+    data["token_providers"] = [p.model_dump(mode="json") for p in settings.token_providers]
     return data

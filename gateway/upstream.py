@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -217,6 +217,8 @@ class Upstream:
         public_url: str,
         trusted_proxies: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
         own_cookies: frozenset[str] = frozenset(),
+        dpop_upstream: Literal["as_received", "bearer"] = "as_received",
+        thumbprint_header: str = "X-DPoP-Thumbprint",
     ) -> None:
         self._http = http
         self._pool = pool
@@ -237,6 +239,12 @@ class Upstream:
         # trusted peer: see ``_dropped_names``.
         self._untrusted_names: dict[frozenset[str], _DroppedNames] = {}
         self._trusted_names: dict[frozenset[str], _DroppedNames] = {}
+        # A DPoP-bound token goes on as received (scheme DPoP and the proof, for an upstream
+        # that checks again) or as Bearer with the verified key's thumbprint in a header
+        # that is ours on every route (a client's is dropped).
+        self._dpop_as_bearer = dpop_upstream == "bearer"
+        self._thumbprint_header = thumbprint_header
+        self._own_headers = frozenset({thumbprint_header.lower()})
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -279,7 +287,7 @@ class Upstream:
         identity = route.identity_header_names
         known = names.get(identity)
         if known is None:
-            known = names[identity] = _dropped_names(identity, trusted=trusted)
+            known = names[identity] = _dropped_names(identity | self._own_headers, trusted=trusted)
         drop, claimed = known
         if "Connection" in incoming:
             drop = drop | connection_tokens(incoming.getall("Connection"))
@@ -293,7 +301,14 @@ class Upstream:
         if cookie:
             headers["Cookie"] = cookie
         if principal is not None:
-            headers["Authorization"] = f"Bearer {principal.access_token}"
+            if principal.dpop_jkt is None:
+                headers["Authorization"] = f"Bearer {principal.access_token}"
+            elif self._dpop_as_bearer:
+                headers["Authorization"] = f"Bearer {principal.access_token}"
+                headers[self._thumbprint_header] = principal.dpop_jkt
+                headers.popall("DPoP", None)
+            else:
+                headers["Authorization"] = f"DPoP {principal.access_token}"
             for header, claim in route.identity_headers:
                 claim_value = principal.claims.get(claim)
                 if isinstance(claim_value, str | int | float):

@@ -151,6 +151,18 @@ def check_token_type(header: Mapping[str, Any], allowed: frozenset[str | None]) 
 
 def verify_signature(jws: CompactJws, algorithm: Algorithm, key: Any) -> dict[str, Any]:
     """The claims, once the signature checks out with ``key`` under ``algorithm``."""
+    check_signature(jws, algorithm, key)
+    return unverified_claims(jws)
+
+
+def unverified_claims(jws: CompactJws) -> dict[str, Any]:
+    """The payload as a JSON object, signature not checked: to read ``iss`` and pick the
+    keys, or the claims once ``check_signature`` passed."""
+    return _json_object(jws.payload, "payload")
+
+
+def check_signature(jws: CompactJws, algorithm: Algorithm, key: Any) -> None:
+    """Refuse the token unless its signature checks out with ``key`` under ``algorithm``."""
     if type(algorithm) is RSAAlgorithm and isinstance(key, rsa.RSAPublicKey):
         # RS256/384/512, the common case, straight to cryptography as pyjwt would call it,
         # without building a padding and a hash object per token.
@@ -158,14 +170,13 @@ def verify_signature(jws: CompactJws, algorithm: Algorithm, key: Any) -> dict[st
             key.verify(jws.signature, jws.signing_input, _PKCS1V15, algorithm.hash_alg())
         except InvalidSignature:
             raise invalid("bad_signature", "the token's signature is invalid") from None
-        return _json_object(jws.payload, "payload")
+        return
     try:
         prepared = algorithm.prepare_key(key)
     except jwt.InvalidKeyError:
         raise invalid("bad_algorithm", "the token's algorithm does not fit its key") from None
     if not algorithm.verify(jws.signing_input, prepared, jws.signature):
         raise invalid("bad_signature", "the token's signature is invalid")
-    return _json_object(jws.payload, "payload")
 
 
 def check_claims(

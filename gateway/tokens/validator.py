@@ -1,4 +1,5 @@
-"""JWT access-token validation: signature by the issuer's keys, then the registered claims.
+"""JWT access-token validation for one trusted issuer: signature by its keys, then the
+registered claims. Which issuer a token is for is ``tokens.providers``'s question.
 
 The algorithm allowlist is explicit; ``jku``, ``x5u`` and embedded ``jwk`` headers are never
 read (only ``alg``, ``kid`` and ``typ``). Each caller of ``verify_jwt`` names the kinds of
@@ -21,7 +22,7 @@ from jwt.algorithms import Algorithm
 from gateway.errors import InvalidTokenError
 from gateway.metrics import Metrics
 from gateway.principal import Principal, parse_scopes
-from gateway.settings import OidcSettings
+from gateway.settings import IssuerSettings
 from gateway.tokens import jws
 from gateway.tokens.jwks import JwksCache
 
@@ -29,11 +30,14 @@ from gateway.tokens.jwks import JwksCache
 class TokenValidator:
     def __init__(
         self,
-        settings: OidcSettings,
+        settings: IssuerSettings,
         jwks: JwksCache,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        *,
+        name: str = "oidc",
     ) -> None:
+        self.name = name
         self._settings = settings
         self._jwks = jwks
         self._metrics = metrics
@@ -55,21 +59,30 @@ class TokenValidator:
         cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at + self._settings.leeway_s > self._clock():
-                self._metrics.child(self._metrics.token_validations_total, "valid_cached").inc()
+                self._metrics.child(
+                    self._metrics.token_validations_total, self.name, "valid_cached"
+                ).inc()
                 return cached
             del self._cache[token]
         try:
             principal = await self._verify(token)
         except InvalidTokenError as exc:
-            self._metrics.token_validations_total.labels(result=exc.result).inc()
+            self._metrics.child(self._metrics.token_validations_total, self.name, exc.result).inc()
             raise
-        self._metrics.child(self._metrics.token_validations_total, "valid").inc()
+        self._metrics.child(self._metrics.token_validations_total, self.name, "valid").inc()
         self._flush_on_new_keys()  # the key set may have changed while we verified
         if self._settings.token_cache_size:
             self._cache[token] = principal
             if len(self._cache) > self._settings.token_cache_size:
                 self._cache.popitem(last=False)
         return principal
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token this validator verified and that has not expired."""
+        cached = self._cache.get(token)
+        if cached is None or cached.expires_at + self._settings.leeway_s <= self._clock():
+            return None
+        return cached
 
     def _flush_on_new_keys(self) -> None:
         if self._cache_generation != self._jwks.generation:
@@ -83,7 +96,7 @@ class TokenValidator:
             require=self._required,
             token_types=self._access_types,
         )
-        return principal_from_claims(claims, token)
+        return principal_from_claims(claims, token, provider=self.name)
 
     async def verify_jwt(
         self,
@@ -103,6 +116,15 @@ class TokenValidator:
         # SECURITY: RFC 8725 §3.11; before the key, so a token of the wrong kind cannot make
         # us fetch the key set.
         jws.check_token_type(parsed.header, token_types)
+        issuer = self._settings.issuer
+        if issuer is not None:
+            # SECURITY: before the key, so another issuer's token (or a made-up iss) costs
+            # no key lookup and no JWKS fetch; checked again, verified, below.
+            claimed = jws.unverified_claims(parsed).get("iss")
+            if claimed is None:
+                raise jws.invalid("missing_claim", "the token lacks a required claim")
+            if claimed != issuer:
+                raise jws.invalid("wrong_issuer", "the token has the wrong issuer")
         try:
             key = await self._jwks.get_key(parsed.header.get("kid"), alg)
         except InvalidTokenError as exc:
@@ -121,11 +143,20 @@ class TokenValidator:
         return claims
 
 
-def principal_from_claims(claims: dict[str, Any], token: str) -> Principal:
+def principal_from_claims(
+    claims: dict[str, Any], token: str, *, provider: str, expires_at: float | None = None
+) -> Principal:
+    """The principal of verified claims (a JWT's, or an introspection answer's)."""
+    cnf = claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
     return Principal(
         subject=str(claims.get("sub", "")),
         scopes=parse_scopes(claims),
         claims=claims,
-        expires_at=float(claims["exp"]),
+        expires_at=float(claims["exp"]) if expires_at is None else expires_at,
         access_token=token,
+        provider=provider,
+        # A cnf that is not an object, or a jkt that is no string, binds to no key we could
+        # check: such a token is refused by ``auth`` (an empty binding matches no proof).
+        dpop_jkt=jkt if isinstance(jkt, str) else ("" if cnf is not None else None),
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app import IDP_HTTP, JWKS, REFRESHER, STORE, UPSTREAM_HTTP, build_app
+from gateway.app import IDP_HTTP, PROVIDERS, REFRESHER, STORE, UPSTREAM_HTTP, build_app
 from gateway.settings import parse_settings
 from tests.conftest import base_config
 from tests.fakes.issuer import FakeIssuer
@@ -53,7 +53,9 @@ async def test_resources_open_in_order_and_close_in_reverse(
     app.cleanup_ctx.extend(wrapped)
     client = await aiohttp_client(app)
     assert (await client.get("/public/x")).status == 200
-    jwks_task = app[JWKS]._refresher
+    jwks = app[PROVIDERS]["oidc"].jwks
+    assert jwks is not None
+    jwks_task = jwks._refresher
     await client.close()
     opened = [e.removeprefix("open ") for e in events if e.startswith("open")]
     closed = [e.removeprefix("close ") for e in events if e.startswith("close")]

@@ -116,7 +116,7 @@ async def test_a_numeric_date_that_is_not_a_finite_json_number_is_refused(
     metrics = Metrics()
     assert await refusal(validator(metrics), token(**{claim: value})) == result
     counted = metrics.registry.get_sample_value(
-        "tokengate_token_validations_total", {"result": result}
+        "tokengate_token_validations_total", {"provider": "oidc", "result": result}
     )
     assert counted == 1
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.admin import Readiness, build_admin_app
-from gateway.app import JWKS, build_app
+from gateway.app import PROVIDERS, build_app
 from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
 from gateway.idp.tokens import IdpUnavailable
@@ -147,10 +148,16 @@ async def test_not_ready_until_keys_are_loaded(aiohttp_client: Any, issuer: Fake
     await aiohttp_client(app)
     admin = await aiohttp_client(build_admin_app(readiness, metrics))
     with pytest.raises(IdpUnavailable):
-        await app[JWKS].refresh()
+        await oidc_jwks(app).refresh()
     assert (await admin.get("/readyz")).status == 503
     issuer.keys = published
-    await app[JWKS].refresh()
+    await oidc_jwks(app).refresh()
     resp = await admin.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["checks"] == {"accepting": True, "keys": True}
+
+
+def oidc_jwks(app: web.Application) -> JwksCache:
+    jwks = app[PROVIDERS]["oidc"].jwks
+    assert jwks is not None
+    return jwks

@@ -83,7 +83,7 @@ async def test_an_access_token_typed_as_another_kind_is_refused(typ: str) -> Non
     metrics = Metrics()
     assert await access_verdict(validator(metrics), typed(typ)) == "wrong_type"
     refused = metrics.registry.get_sample_value(
-        "tokengate_token_validations_total", {"result": "wrong_type"}
+        "tokengate_token_validations_total", {"provider": "oidc", "result": "wrong_type"}
     )
     assert refused == 1
 

@@ -159,7 +159,8 @@ async def test_missing_token_is_401_without_error_code(
 ) -> None:
     resp = await gateway.get("/api/x")
     assert resp.status == 401
-    assert resp.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750 §3.1
+    # RFC 6750 §3.1: no error code; and DPoP's challenge beside it (RFC 9449 §7.1)
+    assert resp.headers["WWW-Authenticate"] == 'Bearer, DPoP algs="ES256 ES384 EdDSA PS256 RS256"'
     resp = await gateway.get("/api/x", headers={"Authorization": "Basic YTpi"})
     assert resp.status == 401
     assert upstream[0].seen == []
@@ -204,8 +205,8 @@ async def test_repeated_token_is_verified_once(
     for _ in range(5):
         assert (await gateway.get("/api/x", headers=bearer(token))).status == 200
     metrics = gateway.app[METRICS].render().decode()
-    assert 'tokengate_token_validations_total{result="valid"} 1.0' in metrics
-    assert 'tokengate_token_validations_total{result="valid_cached"} 4.0' in metrics
+    assert 'tokengate_token_validations_total{provider="oidc",result="valid"} 1.0' in metrics
+    assert 'tokengate_token_validations_total{provider="oidc",result="valid_cached"} 4.0' in metrics
 
 
 async def test_cached_token_still_expires(issuer: FakeIssuer) -> None:
