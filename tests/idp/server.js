@@ -13,7 +13,10 @@
 //     "issuer": null,                      // default http://<host>:<port>
 //     "resource": "https://api.example.test", // the audience of JWT access tokens
 //     "resource_scopes": "api.read api.write",
-//     "access_token_ttl": 30,              // seconds, JWT access tokens for `resource`
+//     "opaque_resource": null,             // a second resource server whose access tokens
+//                                          // are opaque (introspect them), same scopes;
+//                                          // e.g. "https://opaque.example.test"
+//     "access_token_ttl": 30,              // seconds, access tokens for either resource
 //     "id_token_ttl": 3600,
 //     "refresh_token_ttl": 86400,
 //     "authorization_code_ttl": 60,
@@ -23,6 +26,9 @@
 //     "jwks": null,                        // private JWKS {"keys": [...]} to keep keys stable
 //                                          // across restarts; default: fresh RS256 + ES256 keys
 //     "cookie_keys": null,                 // default: random
+//     "introspectors": [],                 // client_ids that may introspect any client's
+//                                          // tokens (resource servers); a token's own
+//                                          // client always may
 //     "clients": [ {oidc-provider client metadata}, ... ]
 //   }
 //
@@ -30,7 +36,9 @@
 // token_endpoint_auth_method, jwks, redirect_uris, post_logout_redirect_uris,
 // backchannel_logout_uri, ...). Defaults filled in when absent: grant_types
 // [authorization_code, refresh_token], response_types [code],
-// backchannel_logout_session_required true.
+// backchannel_logout_session_required true. A machine client sets grant_types
+// ["client_credentials"] and response_types [] (no redirect_uris); a resource server that
+// only introspects sets grant_types [] and response_types [].
 //
 // Behaviour:
 //   - PKCE S256 is required for every client.
@@ -41,7 +49,18 @@
 //   - ID tokens carry name/email/preferred_username; `sid` only for clients with a
 //     backchannel_logout_uri (oidc-provider's rule).
 //   - Access tokens are RS256 JWTs with aud = `resource`, scope = the granted subset of
-//     `resource_scopes`, also after refresh (useGrantedResource).
+//     `resource_scopes`, also after refresh (useGrantedResource). With `resource` =
+//     `opaque_resource` in the request (RFC 8707), they are opaque instead, with the same
+//     scopes: only introspection tells what they are.
+//   - client_credentials grants (RFC 6749 §4.4) for clients that list it; the resource is
+//     `resource` unless the request names `opaque_resource`.
+//   - DPoP (RFC 9449, on by default in oidc-provider 9, no nonce): a token request with a
+//     DPoP proof gets a DPoP-bound token (token_type DPoP; cnf.jkt in a JWT access token,
+//     and in the introspection answer of an opaque one).
+//   - Introspection: by the token's own client, or by a client listed in `introspectors`.
+//     Revocation: by the token's own client only. Either works for opaque access tokens
+//     and refresh tokens; JWT access tokens cannot be introspected nor revoked
+//     (oidc-provider refuses structured tokens).
 //   - Login (devInteractions): any login name with any password; sub = the login name,
 //     name/email/preferred_username derived from it. Consent is a single "Continue" form.
 //   - Outgoing requests (back-channel logout) may target loopback addresses.
@@ -126,8 +145,10 @@ function loadConfig() {
     session_ttl: 86400,
     interaction_ttl: 600,
     grant_ttl: 86400,
+    opaque_resource: null,
     jwks: null,
     cookie_keys: null,
+    introspectors: [],
     clients: [],
     ...config,
   };
@@ -138,6 +159,12 @@ function loadConfig() {
     if (!Number.isSafeInteger(c[key]) || c[key] <= 0) fail(`config.${key} must be a positive integer`);
   }
   if (!Number.isSafeInteger(c.port) || c.port < 0 || c.port > 65535) fail('config.port must be 0..65535');
+  if (c.opaque_resource !== null && (typeof c.opaque_resource !== 'string' || c.opaque_resource === c.resource)) {
+    fail('config.opaque_resource must be null or a URL other than config.resource');
+  }
+  if (!Array.isArray(c.introspectors) || !c.introspectors.every((id) => typeof id === 'string')) {
+    fail('config.introspectors must be a list of client_ids');
+  }
   return c;
 }
 
@@ -453,6 +480,13 @@ async function main() {
     accessTokenFormat: 'jwt',
     jwt: { sign: { alg: 'RS256' } },
   };
+  const opaqueResourceServer = {
+    scope: c.resource_scopes,
+    audience: c.opaque_resource,
+    accessTokenTTL: c.access_token_ttl,
+    accessTokenFormat: 'opaque',
+  };
+  const introspectors = new Set(c.introspectors);
 
   const configuration = {
     adapter: TestAdapter,
@@ -494,6 +528,7 @@ async function main() {
     },
     ttl: {
       AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? c.access_token_ttl,
+      ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? c.access_token_ttl,
       AuthorizationCode: c.authorization_code_ttl,
       IdToken: c.id_token_ttl,
       RefreshToken: c.refresh_token_ttl,
@@ -509,8 +544,11 @@ async function main() {
       },
       introspection: {
         enabled: true,
-        allowedPolicy: async (ctx, client, token) => token.clientId === client.clientId,
+        // A resource server (`introspectors`) asks about tokens issued to other clients.
+        allowedPolicy: async (ctx, client, token) => token.clientId === client.clientId
+          || introspectors.has(client.clientId),
       },
+      clientCredentials: { enabled: true },
       rpInitiatedLogout: { enabled: true },
       backchannelLogout: { enabled: true },
       resourceIndicators: {
@@ -523,8 +561,11 @@ async function main() {
           return true;
         },
         async getResourceServerInfo(ctx, resourceIndicator) {
-          if (resourceIndicator !== c.resource) throw new errors.InvalidTarget();
-          return resourceServer;
+          if (resourceIndicator === c.resource) return resourceServer;
+          if (c.opaque_resource !== null && resourceIndicator === c.opaque_resource) {
+            return opaqueResourceServer;
+          }
+          throw new errors.InvalidTarget();
         },
       },
     },
@@ -599,6 +640,8 @@ async function main() {
     stats.token_requests += 1;
     // Read the body here to learn the grant_type; oidc-provider then takes the
     // already-read body from ctx.req.body (its documented fallback for parsed bodies).
+    // Headers are left as they came: Authorization, and DPoP (the proof's htu is the
+    // token endpoint's URL, which this does not change).
     const raw = await readRaw(ctx.req);
     ctx.req.body = raw;
     const grantType = new URLSearchParams(raw).get('grant_type') ?? 'unknown';

@@ -39,6 +39,7 @@ IDP_DIR = REPO_ROOT / "tests" / "idp"
 SERVER_JS = IDP_DIR / "server.js"
 
 DEFAULT_RESOURCE = "https://api.example.test"
+DEFAULT_OPAQUE_RESOURCE = "https://opaque.example.test"  # with machine_clients
 DEFAULT_SCOPES = "openid profile email offline_access api.read api.write"
 CLIENT_SECRET = "tokengate-test-secret-0123456789abcdef"
 
@@ -59,12 +60,22 @@ def default_idp_config(
     session_ttl: int = 3600,
     pkjwt_jwks: dict[str, Any] | None = None,
     client_secret: str = CLIENT_SECRET,
+    machine_clients: bool = False,
+    opaque_resource: str = DEFAULT_OPAQUE_RESOURCE,
 ) -> dict[str, Any]:
     """The IDP_CONFIG used by the tests: three confidential clients sharing redirect URIs.
 
     - ``tokengate``        client_secret_basic (secret ``client_secret``)
     - ``tokengate-post``   client_secret_post  (same secret)
     - ``tokengate-pkjwt``  private_key_jwt, only when ``pkjwt_jwks`` (its public JWKS) is given
+
+    With ``machine_clients``, for tokens that are not a user's and for introspection, two
+    more (client_secret_basic, same secret, no redirect URIs) and a second resource server:
+
+    - ``tokengate-m2m``    grant_types [client_credentials]: a machine's access tokens
+    - ``tokengate-rs``     grant_types []: a resource server, in ``introspectors`` (may
+      introspect any client's tokens)
+    - ``opaque_resource``  its access tokens are opaque (``resource`` keeps JWTs)
     """
     redirect_uris = [redirect_uri] if isinstance(redirect_uri, str) else list(redirect_uri)
     if post_logout_redirect_uri is None:
@@ -102,7 +113,7 @@ def default_idp_config(
                 token_endpoint_auth_signing_alg="RS256",
             )
         )
-    return {
+    config: dict[str, Any] = {
         "resource": resource,
         "resource_scopes": "api.read api.write",
         "access_token_ttl": access_token_ttl,
@@ -113,6 +124,20 @@ def default_idp_config(
         "grant_ttl": max(refresh_token_ttl, session_ttl),
         "clients": clients,
     }
+    if machine_clients:
+        machine = {
+            "token_endpoint_auth_method": "client_secret_basic",
+            "client_secret": client_secret,
+            "response_types": [],
+            "redirect_uris": [],
+        }
+        clients.append(
+            {"client_id": "tokengate-m2m", "grant_types": ["client_credentials"], **machine}
+        )
+        clients.append({"client_id": "tokengate-rs", "grant_types": [], **machine})
+        config["opaque_resource"] = opaque_resource
+        config["introspectors"] = ["tokengate-rs"]
+    return config
 
 
 def make_client_key(kid: str = "tokengate-pkjwt") -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
