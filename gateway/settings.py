@@ -246,24 +246,6 @@ def check_asymmetric_algorithms(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
-class OidcSettings(IssuerSettings, ClientAuthSettings):
-    """The login's OpenID Provider; its tokens are also the first trusted provider's."""
-
-    post_logout_redirect_uri: str | None = None  # default: {public_url}/
-    scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
-    # Login (authorization request) tuning.
-    prompt: str | None = None
-    consent_for_offline_access: bool = False  # send prompt=consent with offline_access
-    acr_values: str | None = None
-    extra_auth_params: dict[str, str] = Field(default_factory=dict)
-    claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
-
-    @field_validator("post_logout_redirect_uri")
-    @classmethod
-    def _check_logout_url(cls, value: str | None) -> str | None:
-        return None if value is None else parse_http_url(value, allow_http=False)
-
-
 class IntrospectionSettings(ClientAuthSettings):
     """RFC 7662 at one provider: the endpoint, our client credentials, and the cache."""
 
@@ -289,6 +271,28 @@ class IntrospectionSettings(ClientAuthSettings):
         if not self.client_id or self.effective_client_auth == "none":
             raise ValueError("introspection needs client_id and a client authentication")
         return self
+
+
+class OidcSettings(IssuerSettings, ClientAuthSettings):
+    """The login's OpenID Provider; its tokens are also the first trusted provider's."""
+
+    # As a provider's (``ProviderSettings``): how its access tokens are checked.
+    validation: Literal["jwt", "introspection"] = "jwt"
+    introspection: IntrospectionSettings | None = None
+
+    post_logout_redirect_uri: str | None = None  # default: {public_url}/
+    scopes: tuple[str, ...] = ("openid", "profile", "email", "offline_access")
+    # Login (authorization request) tuning.
+    prompt: str | None = None
+    consent_for_offline_access: bool = False  # send prompt=consent with offline_access
+    acr_values: str | None = None
+    extra_auth_params: dict[str, str] = Field(default_factory=dict)
+    claims_in_session: tuple[str, ...] = ("sub", "name", "email", "preferred_username")
+
+    @field_validator("post_logout_redirect_uri")
+    @classmethod
+    def _check_logout_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_http_url(value, allow_http=False)
 
 
 class ProviderSettings(IssuerSettings):
@@ -709,7 +713,7 @@ class Settings(BaseSettings):
         if self.dpop.replay_store == "redis" and self.session.store != "redis":
             raise ValueError("dpop.replay_store: redis needs session.store: redis")
         shared = [
-            p.name for p in self.providers if p.introspection and p.introspection.shared_cache
+            p.name for p in self.token_providers if p.introspection and p.introspection.shared_cache
         ]
         if shared and self.session.store != "redis":
             raise ValueError("introspection.shared_cache needs session.store: redis")
@@ -745,7 +749,7 @@ class Settings(BaseSettings):
         listed = self.providers
         if not (self.oidc.issuer or self.oidc.jwks_uri):
             return listed
-        fields = IssuerSettings.model_fields.keys()
+        fields = (*IssuerSettings.model_fields.keys(), "validation", "introspection")
         oidc = ProviderSettings(
             name=OIDC_PROVIDER, **{name: getattr(self.oidc, name) for name in fields}
         )

@@ -95,8 +95,9 @@ class Provider:
         return None if self.validator is None else self.validator.cached(token)
 
     async def validate(self, token: str, *, introspect: bool) -> Principal:
-        if self.validator is None:
-            return await self._introspected(token)
+        opaque = self.introspector is not None and not jws.is_compact(token)
+        if self.validator is None or opaque:
+            return await self._introspected(token)  # every token, or an opaque one
         principal = await self.validator.validate(token)
         if introspect:
             await self._introspected(token)  # active, or it raises; the JWT's claims stand
@@ -145,10 +146,12 @@ class TokenProviders:
         """The principal ``token`` proves on ``route``, or ``InvalidTokenError``."""
         accepted = self._accepted_by(route)
         introspect = route.introspect_jwts
-        if len(accepted) == 1 and accepted[0].validator is not None:
-            # One JWT provider: its validator looks in its cache first, and refuses another
-            # issuer's token before any key lookup.
-            return await accepted[0].validate(token, introspect=introspect)
+        if len(accepted) == 1:
+            only = accepted[0]
+            if only.validator is not None and (only.introspector is None or jws.is_compact(token)):
+                # One JWT provider: its validator looks in its cache first, and refuses
+                # another issuer's token before any key lookup.
+                return await only.validate(token, introspect=introspect)
         for provider in accepted:
             if provider.cached(token) is not None:
                 return await provider.validate(token, introspect=introspect)
@@ -166,10 +169,13 @@ class TokenProviders:
         try:
             parsed = jws.parse(token, self._headers)
         except InvalidTokenError:
-            # No JWS: an opaque token, for the one introspecting provider taken here.
-            for candidate in accepted:
-                if candidate.settings.validation == "introspection":
-                    return candidate
+            # No JWS: an opaque token names no issuer. It goes to the route's provider that
+            # introspects every token, else to the only one that can introspect at all;
+            # never to several (each would learn the token).
+            candidates = [p for p in accepted if p.settings.validation == "introspection"]
+            candidates = candidates or [p for p in accepted if p.introspector is not None]
+            if len(candidates) == 1:
+                return candidates[0]
             raise self._refused("malformed", "the token is malformed") from None
         try:
             issuer = jws.unverified_claims(parsed).get("iss")
