@@ -144,11 +144,7 @@ async def token_keys(app: web.Application) -> AsyncIterator[None]:
 def _token_state(settings: Settings) -> TokenState:
     """Redis when DPoP's replay cache or an introspection cache is to be shared, else this
     process's memory. Its own client: the session store's calls keep their deadlines."""
-    shared = settings.dpop_replay_store == "redis" or any(
-        p.introspection is not None and p.introspection.shared_cache
-        for p in settings.token_providers
-    )
-    if not shared:
+    if not settings.shares_token_state:
         return MemoryTokenState()
     from gateway.sessions.redis_store import build_redis  # see session_store
 

@@ -109,32 +109,39 @@ class Authenticator:
         assert self._providers is not None
         if scheme == "bearer":
             if route.require_dpop:
-                raise InvalidTokenError(
-                    "this resource takes DPoP-bound tokens only", result="dpop_required"
-                )
+                raise self._refused("this resource takes DPoP-bound tokens only", "dpop_required")
             principal = await self._providers.validate(token, route)
             if principal.dpop_jkt is not None:
                 # SECURITY: RFC 9449 §7.2: a bound token without its proof could be a stolen
                 # one; it never passes as a Bearer token.
-                raise InvalidTokenError(
-                    "a DPoP-bound token needs the DPoP scheme", result="dpop_bound"
-                )
+                raise self._refused("a DPoP-bound token needs the DPoP scheme", "dpop_bound")
             return principal
-        if self._dpop is None:
+        dpop = self._dpop
+        if dpop is None:
             raise InvalidTokenError("DPoP is not accepted here", result="dpop_off")
         proofs = request.headers.getall("DPoP", ())
         if len(proofs) != 1:
-            raise InvalidDpopProofError("exactly one DPoP header is required", result="proofs")
+            raise dpop.refused(
+                InvalidDpopProofError("exactly one DPoP header is required", result="proofs")
+            )
         principal = await self._providers.validate(token, route)
         if not principal.dpop_jkt:
-            raise InvalidTokenError("the token is not DPoP-bound", result="not_bound")
+            raise self._refused("the token is not DPoP-bound", "not_bound")
         url = self._public_url + request.raw_path.partition("?")[0]
-        jkt = await self._dpop.verify(proofs[0], method=request.method, url=url, access_token=token)
+        jkt = await dpop.verify(proofs[0], method=request.method, url=url, access_token=token)
         if not hmac.compare_digest(jkt, principal.dpop_jkt):
-            raise InvalidDpopProofError(
-                "the proof is not signed by the token's key", result="wrong_key"
+            raise dpop.refused(
+                InvalidDpopProofError(
+                    "the proof is not signed by the token's key", result="wrong_key"
+                )
             )
         return principal
+
+    def _refused(self, description: str, result: str) -> InvalidTokenError:
+        """A token refused for how it was sent (scheme and binding), counted with the DPoP
+        proofs' results when DPoP is on."""
+        exc = InvalidTokenError(description, result=result)
+        return exc if self._dpop is None else self._dpop.refused(exc)
 
     @staticmethod
     def _challenge(

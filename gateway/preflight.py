@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from gateway.idp.json_dialect import configured_paths
 from gateway.idp.json_paths import split_path
 from gateway.routing import RouteTable
-from gateway.settings import CaptureSettings, ConfigError, OidcSettings, Settings
+from gateway.settings import CaptureSettings, ClientAuthSettings, ConfigError, Settings
 
 # The key type each client-assertion algorithm signs with (RFC 7518 §3.1, RFC 8037).
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -29,7 +29,9 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
 async def check(settings: Settings) -> None:
     """Build everything ``run`` would from ``settings``; ``ConfigError`` names what fails."""
     RouteTable.build(settings.routes)
-    if settings.uses_sessions and settings.session.store == "redis":
+    if settings.session.store == "redis" and (
+        settings.uses_sessions or settings.shares_token_state
+    ):
         await _check_redis(settings)
     json_api = settings.refresh.json_api
     if settings.refresh.dialect == "json" and json_api is not None:
@@ -39,7 +41,11 @@ async def check(settings: Settings) -> None:
         if route.capture_tokens is not None:
             _check_capture(f"routes.{index}.capture_tokens", route.capture_tokens)
     if settings.oidc.effective_client_auth == "private_key_jwt":
-        _check_private_key(settings.oidc)
+        _check_private_key("oidc", settings.oidc)
+    for provider in settings.token_providers:
+        introspection = provider.introspection
+        if introspection is not None and introspection.effective_client_auth == "private_key_jwt":
+            _check_private_key(f"providers.{provider.name}.introspection", introspection)
 
 
 async def _check_redis(settings: Settings) -> None:
@@ -72,17 +78,17 @@ def _check_capture(key: str, capture: CaptureSettings) -> None:
         _check_path(f"{key}.claims_paths.{claim}", path)
 
 
-def _check_private_key(oidc: OidcSettings) -> None:
-    assert oidc.private_key is not None  # the schema requires it for private_key_jwt
+def _check_private_key(where: str, client: ClientAuthSettings) -> None:
+    assert client.private_key is not None  # the schema requires it for private_key_jwt
     try:
-        key = load_pem_private_key(oidc.private_key.get_secret_value().encode(), password=None)
+        key = load_pem_private_key(client.private_key.get_secret_value().encode(), password=None)
     except (ValueError, TypeError):
         # SECURITY: the text of the parser's error could quote the key; say only what is wrong.
-        raise ConfigError("oidc.private_key: not an unencrypted PEM private key") from None
-    fits = isinstance(key, _KEY_TYPES[oidc.private_key_alg])
+        raise ConfigError(f"{where}.private_key: not an unencrypted PEM private key") from None
+    fits = isinstance(key, _KEY_TYPES[client.private_key_alg])
     if isinstance(key, ec.EllipticCurvePrivateKey):
         fits = fits and isinstance(key.curve, ec.SECP256R1)  # ES256 is P-256 only
     if not fits:
         raise ConfigError(
-            f"oidc.private_key: the key does not fit private_key_alg {oidc.private_key_alg}"
+            f"{where}.private_key: the key does not fit private_key_alg {client.private_key_alg}"
         )

@@ -764,6 +764,16 @@ class Settings(BaseSettings):
         return "redis" if self.session.store == "redis" and self.uses_sessions else "memory"
 
     @property
+    def shares_token_state(self) -> bool:
+        """Whether DPoP's replay cache or an introspection cache lives in Redis (shared by
+        replicas), so the token checks need a Redis client of their own."""
+        providers = self.token_providers
+        return bool(providers) and (
+            self.dpop_replay_store == "redis"
+            or any(p.introspection and p.introspection.shared_cache for p in providers)
+        )
+
+    @property
     def uses_sessions(self) -> bool:
         return any(
             r.auth in ("session", "session_or_bearer") or r.capture_tokens is not None

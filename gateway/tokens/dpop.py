@@ -293,7 +293,7 @@ class DpopVerifier:
         try:
             key, jti = self._check(proof, method=method, url=url, access_token=access_token)
         except InvalidTokenError as exc:  # only ever ours: _check translates jws's
-            raise self._refused(exc) from None
+            raise self.refused(exc) from None
         # SECURITY: last, so that only a proof that passed every other check is remembered.
         # Keyed by key and jti: another client's jti is no replay of ours.
         replay_key = hashlib.sha256(f"{key.thumbprint}:{jti}".encode("utf-8", "surrogatepass"))
@@ -306,14 +306,16 @@ class DpopVerifier:
             # SECURITY: fail closed; a proof we cannot remember could be replayed.
             raise SessionStoreUnavailableError("the DPoP replay cache is unavailable") from None
         if not fresh:
-            raise self._refused(_invalid("replayed", "the DPoP proof has been used before"))
+            raise self.refused(_invalid("replayed", "the DPoP proof has been used before"))
         self._count("valid")
         return key.thumbprint
 
     def _count(self, result: str) -> None:
         self._metrics.child(self._metrics.dpop_proofs_total, result).inc()
 
-    def _refused(self, exc: InvalidTokenError) -> InvalidTokenError:
+    def refused(self, exc: InvalidTokenError) -> InvalidTokenError:
+        """``exc`` counted by its result, with DPoP's challenge: for the refusals ``auth``
+        makes around a proof (a bound token as Bearer, an unbound one as DPoP, ...)."""
         self._count(exc.result)
         exc.dpop_algs = self.algorithms
         exc.dpop_nonce = self.current_nonce()

@@ -4,9 +4,12 @@ DPoP at ingress (the proof's own checks are test_dpop.py's)."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
@@ -16,6 +19,7 @@ from tests.conftest import base_config
 from tests.fakes.issuer import AUDIENCE, FakeIssuer, SigningKey, _private_key
 from tests.fakes.upstream import FakeUpstream
 from tests.support.dpop import DpopKey, dpop_key, make_proof
+from tests.support.redis_topologies import make_tls_files
 
 PUBLIC_URL = "http://localhost:8080"
 
@@ -214,7 +218,13 @@ async def test_a_bound_token_is_never_taken_as_bearer(
     resp = await gateway2.get("/api/x", headers=bearer(token))
     assert resp.status == 401
     assert (await resp.json())["error"] == "invalid_token"
-    assert resp.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    # The challenge names the scheme the token needs (RFC 9449 §7.1), and it is counted.
+    assert resp.headers["WWW-Authenticate"].startswith('DPoP error="invalid_token"')
+    labels = {"result": "dpop_bound"}
+    dpop_refusals = gateway2.app[METRICS].registry.get_sample_value(
+        "tokengate_dpop_proofs_total", labels
+    )
+    assert dpop_refusals == 1
     # A route that requires DPoP takes no Bearer token at all, bound or not.
     resp = await gateway2.get("/bound/x", headers=bearer(issuer.mint()))
     assert resp.status == 401
@@ -313,3 +323,58 @@ async def test_dpop_as_bearer_sends_the_thumbprint_and_drops_a_clients(
     resp = await client.get("/api/x", headers={**bearer(issuer.mint()), "X-DPoP-Thumbprint": "x"})
     assert resp.status == 200
     assert "X-DPoP-Thumbprint" not in upstream[0].seen[-1].headers
+
+
+# -- a Kubernetes-style issuer: its own CA, keys fetched with the pod's token ------------
+
+
+async def test_a_provider_fetches_keys_over_its_own_ca_with_the_token_on_disk(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    upstream: tuple[FakeUpstream, str],
+    tmp_path: Path,
+) -> None:
+    """What a sidecar does with the cluster's service-account issuer: the API server's
+    certificate is signed by the cluster CA (``ca_file``), and /openid/v1/jwks wants the
+    pod's projected token (``fetch_token_file``), which the kubelet rotates on disk."""
+    tls = make_tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    cluster = FakeIssuer()
+    seen_tokens: list[str | None] = []
+
+    @web.middleware
+    async def authenticated(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen_tokens.append(request.headers.get("Authorization"))
+        if not (request.headers.get("Authorization") or "").startswith("Bearer sa-"):
+            return web.json_response({"kind": "Status", "code": 401}, status=401)
+        return await handler(request)
+
+    app = cluster.web_app()
+    app.middlewares.append(authenticated)
+    server = await aiohttp_server(app, host="127.0.0.1", ssl=context)
+    cluster.url = f"https://127.0.0.1:{server.port}"
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-first\n")
+    config = base_config("https://unused.example", upstream[1])
+    del config["oidc"]
+    config["providers"] = [
+        {
+            "name": "cluster",
+            "issuer": cluster.url,
+            "audience": "tokengate",
+            "ca_file": str(tls.ca),
+            "fetch_token_file": str(token_file),
+        }
+    ]
+    config["routes"] = [{"prefix": "/api", "upstream": upstream[1]}]
+    client = await aiohttp_client(build_app(parse_settings(config)))
+    jwks = client.app[PROVIDERS]["cluster"].jwks
+    assert jwks is not None
+    await jwks.refresh()
+    token = cluster.mint(aud="tokengate", sub="system:serviceaccount:shop:billing")
+    assert (await client.get("/api/x", headers=bearer(token))).status == 200
+    token_file.write_text("sa-rotated\n")
+    await jwks.refresh()
+    assert seen_tokens[-1] == "Bearer sa-rotated"
+    assert set(seen_tokens) == {"Bearer sa-first", "Bearer sa-rotated"}
