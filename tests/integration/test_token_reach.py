@@ -79,6 +79,7 @@ def basic(client_id: str) -> dict[str, str]:
 
 @pytest.fixture
 async def env(
+    request: pytest.FixtureRequest,
     machine_idp: OidcProviderProcess,
     redis_server: RedisServerProcess,
     issuer: FakeIssuer,
@@ -99,13 +100,15 @@ async def env(
                     "client_secret": CLIENT_SECRET,
                     "cache_ttl_s": CACHE_TTL_S,
                     "negative_cache_ttl_s": 2,
+                    # indirect=True: answers in Redis for every replica too
+                    "shared_cache": getattr(request, "param", False),
                 },
             },
             # The service-account issuer of a cluster: RS256 JWTs, its own keys.
             {"name": "cluster", "issuer": issuer.url, "audience": "tokengate"},
         ],
         "dpop": {"replay_store": "redis"},
-        "session": {"redis_url": redis_server.url, "key_prefix": "reach"},
+        "session": {"redis_url": redis_server.url, "key_prefix": f"reach{time.monotonic_ns()}"},
         "routes": [{"prefix": "/api", "upstream": str(upstream_server.make_url("")).rstrip("/")}],
     }
     settings = parse_settings(config)
@@ -206,3 +209,19 @@ async def test_a_users_token_and_a_services_token_on_one_route(
     wrong = issuer.mint(aud=DEFAULT_RESOURCE)
     resp = await replica.get("/api/x", headers={"Authorization": f"Bearer {wrong}"})
     assert resp.status == 401
+
+
+@pytest.mark.parametrize("env", [True], indirect=True)
+async def test_a_shared_introspection_answer_serves_every_replica(env: Env) -> None:
+    token = (await env.grant(DEFAULT_OPAQUE_RESOURCE))["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    for replica in env.replicas:
+        for _ in range(3):
+            assert (await replica.get("/api/x", headers=headers)).status == 200
+    assert (await env.idp.stats(env.http))["introspections"] == 1
+    # An unknown token is asked about once by the first replica; its refusal is shared.
+    forged = "not-a-token-the-idp-issued"
+    for replica in env.replicas:
+        resp = await replica.get("/api/x", headers={"Authorization": f"Bearer {forged}"})
+        assert resp.status == 401
+    assert (await env.idp.stats(env.http))["introspections"] == 2

@@ -14,7 +14,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient
 
 from gateway.app import METRICS, PROVIDERS, build_app
-from gateway.settings import ConfigError, parse_settings
+from gateway.settings import ConfigError, dump_settings, parse_settings
 from tests.conftest import base_config
 from tests.fakes.issuer import AUDIENCE, FakeIssuer, SigningKey, _private_key
 from tests.fakes.upstream import FakeUpstream
@@ -378,3 +378,91 @@ async def test_a_provider_fetches_keys_over_its_own_ca_with_the_token_on_disk(
     await jwks.refresh()
     assert seen_tokens[-1] == "Bearer sa-rotated"
     assert set(seen_tokens) == {"Bearer sa-first", "Bearer sa-rotated"}
+
+
+# -- introspected JWTs and server nonces, through the gateway ---------------------------
+
+
+async def test_a_revocation_sensitive_route_introspects_valid_jwts(
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    issuer: FakeIssuer,
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    revoked: set[str] = set()
+    calls: list[str] = []
+
+    async def introspect(request: web.Request) -> web.Response:
+        token = str((await request.post())["token"])
+        calls.append(token)
+        if token in revoked:
+            return web.json_response({"active": False})
+        return web.json_response({"active": True, "aud": AUDIENCE, "iss": issuer.url})
+
+    endpoint_app = web.Application()
+    endpoint_app.router.add_post("/introspect", introspect)
+    endpoint = await aiohttp_server(endpoint_app, host="127.0.0.1")
+    config = base_config(issuer.url, upstream[1])
+    config["oidc"]["introspection"] = {
+        "endpoint": str(endpoint.make_url("/introspect")),
+        "client_id": "api",
+        "client_secret": "s" * 32,
+    }
+    config["routes"] = [
+        {"prefix": "/pay", "upstream": upstream[1], "introspect_jwts": True},
+        {"prefix": "/api", "upstream": upstream[1]},
+    ]
+    client = await aiohttp_client(build_app(parse_settings(config)))
+    good, gone = issuer.mint(), issuer.mint()
+    revoked.add(gone)
+    assert (await client.get("/pay/x", headers=bearer(good))).status == 200
+    assert (await client.get("/pay/x", headers=bearer(good))).status == 200  # answer kept
+    resp = await client.get("/pay/x", headers=bearer(gone))
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "invalid_token"
+    assert calls == [good, gone]
+    # Elsewhere the same valid JWT is checked locally only.
+    assert (await client.get("/api/x", headers=bearer(gone))).status == 200
+    assert calls == [good, gone]
+    # A forged JWT is refused by its signature before anyone is asked about it.
+    forged = ".".join((*good.split(".")[:2], good.split(".")[2][::-1]))
+    assert (await client.get("/pay/x", headers=bearer(forged))).status == 401
+    assert calls == [good, gone]
+
+
+async def test_with_server_nonces_a_proof_without_one_is_told_the_nonce(
+    aiohttp_client: AiohttpClient,
+    issuer: FakeIssuer,
+    cluster: FakeIssuer,
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    config = two_provider_config(issuer, cluster, upstream[1])
+    config["dpop"] = {"nonce": True, "nonce_secret": "n" * 32}
+    client = await aiohttp_client(build_app(parse_settings(config)))
+    key = dpop_key("ES256")
+    token = bound_token(issuer, key)
+    url = f"{PUBLIC_URL}/api/x"
+    resp = await client.get(
+        "/api/x",
+        headers=dpop_headers(token, make_proof(key, method="GET", url=url, access_token=token)),
+    )
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "use_dpop_nonce"
+    assert resp.headers["WWW-Authenticate"].startswith('DPoP error="use_dpop_nonce"')
+    nonce = resp.headers["DPoP-Nonce"]
+    proof = make_proof(key, method="GET", url=url, access_token=token, nonce=nonce)
+    resp = await client.get("/api/x", headers=dpop_headers(token, proof))
+    assert resp.status == 200
+    forged = make_proof(key, method="GET", url=url, access_token=token, nonce=nonce[::-1])
+    resp = await client.get("/api/x", headers=dpop_headers(token, forged))
+    assert (await resp.json())["error"] == "use_dpop_nonce"
+
+
+def test_check_config_shows_every_provider_oidcs_first() -> None:
+    config = base_config("https://idp.example", "http://127.0.0.1:9")
+    config["providers"] = [{"name": "cluster", "issuer": "https://k8s.example", "audience": "x"}]
+    dumped = dump_settings(parse_settings(config))
+    assert [(p["name"], p["issuer"]) for p in dumped["token_providers"]] == [
+        ("oidc", "https://idp.example"),
+        ("cluster", "https://k8s.example"),
+    ]
