@@ -17,12 +17,12 @@ WORKDIR /src
 RUN python -m venv /opt/tokengate
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-# Wheel the project plus its runtime dependencies (no [test] extra), then install from
-# those wheels only: what is installed is exactly what was resolved here. pip compiles
-# .pyc files at install time, so the read-only final image never needs to write one.
-# The last line proves the console script starts.
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels . \
- && /opt/tokengate/bin/pip install --no-cache-dir --no-index --find-links /wheels /wheels/tokengate-*.whl \
+# Wheel the project plus its runtime dependencies and the [otel] extra (OTLP trace export;
+# no [test] extra), then install from those wheels only: what is installed is exactly what
+# was resolved here. pip compiles .pyc files at install time, so the read-only final image
+# never needs to write one. The last line proves the console script starts.
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels '.[otel]' \
+ && /opt/tokengate/bin/pip install --no-cache-dir --no-index --find-links /wheels 'tokengate[otel]' \
  && /opt/tokengate/bin/tokengate --help > /dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, Metrics
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 _CHECK_TIMEOUT_S = 2.0
@@ -51,8 +51,12 @@ def build_admin_app(readiness: Readiness, metrics: Metrics) -> web.Application:
         return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(metrics.render)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+        # Prometheus asks for OpenMetrics (and so gets the exemplars) when it can read it.
+        openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
+        openmetrics = openmetrics and not metrics.multiprocess_mode
+        body = await asyncio.to_thread(metrics.render, openmetrics=openmetrics)
+        content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     admin = web.Application()
     admin.router.add_get("/healthz", healthz)

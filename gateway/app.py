@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
+from gateway import __version__
 from gateway.admin import Readiness
 from gateway.auth import Authenticator
 from gateway.bff.capture import TokenCapture
@@ -40,6 +41,7 @@ from gateway.tokens.dpop import DpopVerifier
 from gateway.tokens.providers import TokenProviders, build_providers
 from gateway.tokens.shared import MemoryTokenState, RedisTokenState, TokenState
 from gateway.tokens.validator import TokenValidator
+from gateway.tracing import Tracing
 from gateway.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")  # wall clock; tests move it forw
 METRICS = web.AppKey("metrics", Metrics)
 READINESS = web.AppKey("readiness", Readiness)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+TRACING = web.AppKey("tracing", Tracing)
 UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 UPSTREAM_POOL = web.AppKey("upstream_pool", Http1Pool)
 IDP_HTTP = web.AppKey("idp_http", aiohttp.ClientSession)
@@ -72,6 +75,15 @@ async def access_log(app: web.Application) -> AsyncIterator[None]:
     """The access log's batch: whatever is still pending is written on the way out."""
     yield
     app[ACCESS_LOG].close()
+
+
+async def traces(app: web.Application) -> AsyncIterator[None]:
+    """Spans recorded from here on (with an exporter); what is buffered is exported within
+    the drain grace on the way out, after every request that could add to it."""
+    tracing = app[TRACING]
+    tracing.open()
+    yield
+    await tracing.aclose(app[SETTINGS].limits.shutdown_grace_s)
 
 
 async def upstream_http(app: web.Application) -> AsyncIterator[None]:
@@ -266,6 +278,7 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
         ),
         dpop_upstream=settings.dpop.upstream,
         thumbprint_header=settings.dpop.thumbprint_header,
+        tracing=app[TRACING],
     )
     auth = Authenticator(
         app.get(PROVIDERS),
@@ -337,7 +350,8 @@ def build_app(
 ) -> web.Application:
     metrics = metrics or Metrics()
     access = AccessLog(settings.log)
-    ingress = Ingress(settings.limits, settings.log, metrics, access)
+    tracing = Tracing(settings.tracing, service_version=__version__)
+    ingress = Ingress(settings.limits, settings.log, metrics, access, tracing)
     app = web.Application(
         handler_args=aiohttp_parser_limits(settings.limits),
         client_max_size=settings.limits.max_body_bytes,
@@ -347,8 +361,9 @@ def build_app(
     app[METRICS] = metrics
     app[READINESS] = readiness or Readiness()
     app[ACCESS_LOG] = access
+    app[TRACING] = tracing
     app.cleanup_ctx.extend(
-        (access_log, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
+        (access_log, traces, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
     )
     # Every handler behind the ingress; the last route matches every path and method, so
     # aiohttp's router never answers by itself (no 404 or 405 of its own).

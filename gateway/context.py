@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.tracing import TraceIds
+
 _current: ContextVar[RequestContext | None] = ContextVar("tokengate_request", default=None)
 
 
@@ -24,6 +26,7 @@ class RequestContext:
     subject: str | None = None
     upstream_s: float | None = None
     outcome: str = "ok"
+    trace: TraceIds | None = None  # the request's place in its trace (``tracing``)
 
 
 def current() -> RequestContext | None:

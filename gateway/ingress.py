@@ -33,6 +33,7 @@ from gateway.errors import (
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.settings import LimitsSettings, LogSettings
+from gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ class Ingress:
         log_settings: LogSettings,
         metrics: Metrics,
         access: AccessLog,
+        tracing: Tracing,
     ) -> None:
+        self._tracing = tracing
         self._limits = limits
         self._log = log_settings
         self._metrics = metrics
@@ -135,7 +138,10 @@ class Ingress:
         return ingress
 
     async def handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = open_context(self.request_id(request.headers.get("X-Request-Id")))
+        headers = request.headers
+        ctx = open_context(self.request_id(headers.get("X-Request-Id")))
+        traced = self._tracing.start(headers, request.method)
+        ctx.trace = traced.ids
         started = time.perf_counter()
         try:
             self.check_headers(request)
@@ -155,7 +161,7 @@ class Ingress:
             response = render_error(GatewayError())
         if not response.prepared:
             response.headers["X-Request-Id"] = ctx.request_id
-        self._observe(request, response, ctx, time.perf_counter() - started)
+        self._observe(request, response, ctx, time.perf_counter() - started, traced)
         return response
 
     def _observe(
@@ -164,11 +170,24 @@ class Ingress:
         response: web.StreamResponse,
         ctx: RequestContext,
         elapsed_s: float,
+        traced: RequestTrace,
     ) -> None:
         method = request.method
         status = response.status
+        span = traced.span
+        exemplar = None
+        if span is not None:
+            traced.finish(
+                method=method,
+                route=ctx.route,
+                status=status,
+                outcome=ctx.outcome,
+                auth=ctx.auth_mode,
+            )
+            if span.is_recording():  # sampled: a latency panel can link to its trace
+                exemplar = traced.ids.trace_id_hex
         self._metrics.observe_request(
-            ctx.route, method if method in _METHODS else "other", status, elapsed_s
+            ctx.route, method if method in _METHODS else "other", status, elapsed_s, exemplar
         )  # a bounded method label
         if not self._log.access_log:
             return

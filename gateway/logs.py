@@ -147,6 +147,10 @@ class AccessLog:
                 f'"path":{_quote(path)},"status":{status},"duration_ms":{duration_s * 1000:.3f},'
                 f'"auth":{_quote(ctx.auth_mode)},"outcome":{_quote(ctx.outcome)}'
             )
+            if ctx.trace is not None:
+                trace = ctx.trace
+                line += f',"trace_id":"{trace.trace_id:032x}","span_id":"{trace.span_id:016x}"'
+
             if ctx.upstream_s is not None:
                 line += f',"upstream_ms":{ctx.upstream_s * 1000:.3f}'
             if subject is not None:
@@ -158,6 +162,10 @@ class AccessLog:
                 f"route={ctx.route} method={method} path={path} status={status} "
                 f"duration_ms={duration_s * 1000:.3f} auth={ctx.auth_mode} outcome={ctx.outcome}"
             )
+            if ctx.trace is not None:
+                trace = ctx.trace
+                line += f" trace_id={trace.trace_id:032x} span_id={trace.span_id:016x}"
+
             if ctx.upstream_s is not None:
                 line += f" upstream_ms={ctx.upstream_s * 1000:.3f}"
             if subject is not None:

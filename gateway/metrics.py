@@ -19,12 +19,14 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+OPENMETRICS_CONTENT_TYPE = openmetrics_exposition.CONTENT_TYPE_LATEST
 
 
 class Metrics:
@@ -196,8 +198,12 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def observe_request(self, route: str, method: str, status: int, elapsed_s: float) -> None:
-        """Count one answered request; labelled children are cached (labels() is slow)."""
+    def observe_request(
+        self, route: str, method: str, status: int, elapsed_s: float, trace_id: str | None = None
+    ) -> None:
+        """Count one answered request; labelled children are cached (labels() is slow). A
+        sampled request's trace id becomes the latency's exemplar (OpenMetrics only; none
+        in multiprocess mode, which prometheus-client cannot aggregate them in)."""
         key = (route, method, status)
         children = self._request_children.get(key)
         if children is None:
@@ -207,7 +213,10 @@ class Metrics:
             )
             self._request_children[key] = children
         children[0].inc()
-        children[1].observe(elapsed_s)
+        if trace_id is None or self.multiprocess_mode:
+            children[1].observe(elapsed_s)
+        else:
+            children[1].observe(elapsed_s, {"trace_id": trace_id})
 
     def observe_bad_head(self, reason: str, status: int) -> None:
         """Count a request head the parser refused: by reason, and as an answered request of
@@ -222,9 +231,13 @@ class Metrics:
         if status is not None:
             self.child(self.http_requests_total, "-", "other", str(status)).inc()
 
-    def render(self) -> bytes:
-        """The exposition text: this process's registry, or every worker's in multiprocess."""
+    def render(self, *, openmetrics: bool = False) -> bytes:
+        """The exposition text: this process's registry, or every worker's in multiprocess;
+        OpenMetrics (with exemplars) when the scraper asked for it."""
         if not self.multiprocess_mode:
+            if openmetrics:
+                exposition: bytes = openmetrics_exposition.generate_latest(self.registry)  # type: ignore[no-untyped-call]  # untyped lib
+                return exposition
             return generate_latest(self.registry)
         scrape = CollectorRegistry()
         multiprocess.MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]  # untyped lib

@@ -9,6 +9,8 @@ objects is ``app``'s job.
 
 from __future__ import annotations
 
+import importlib
+
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -40,6 +42,8 @@ async def check(settings: Settings) -> None:
     for index, route in enumerate(settings.routes):
         if route.capture_tokens is not None:
             _check_capture(f"routes.{index}.capture_tokens", route.capture_tokens)
+    if settings.tracing.exporter != "none":
+        _check_otel(settings.tracing.exporter)
     if settings.oidc.effective_client_auth == "private_key_jwt":
         _check_private_key("oidc", settings.oidc)
     for provider in settings.token_providers:
@@ -57,6 +61,20 @@ async def _check_redis(settings: Settings) -> None:
     except ValueError as exc:
         raise ConfigError(f"session.redis_url: {exc}") from None
     await client.aclose()  # nothing was opened; this releases the pool object
+
+
+def _check_otel(exporter: str) -> None:
+    module = {
+        "otlp_http": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "otlp_grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    }[exporter]
+    try:
+        importlib.import_module("opentelemetry.sdk.trace")
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"tracing.exporter: {exporter} needs the otel extra (pip install 'tokengate[otel]')"
+        ) from None
 
 
 def _check_path(key: str, dotted: str) -> None:

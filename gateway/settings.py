@@ -500,6 +500,22 @@ class CsrfSettings(Section):
     header: str = "X-CSRF"
 
 
+class TracingSettings(Section):
+    """W3C trace context (always) and OpenTelemetry spans (with an exporter)."""
+
+    # none: propagation only (no SDK); otlp_http / otlp_grpc: spans exported over OTLP,
+    # with the `otel` extra installed (pip install tokengate[otel]).
+    exporter: Literal["none", "otlp_http", "otlp_grpc"] = "none"
+    # Default: the SDK's (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT,
+    # else http://localhost:4318/v1/traces or localhost:4317).
+    endpoint: str | None = None
+    headers: dict[str, SecretStr] = Field(default_factory=dict)  # e.g. a collector's API key
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # of new traces; a caller's decision stands
+    service_name: str = "tokengate"  # OTEL_SERVICE_NAME wins, as the SDK reads it
+    export_interval_ms: int = Field(5000, ge=10, le=60000)  # the batch's schedule delay
+    propagate: bool = True  # continue a caller's traceparent (false: always a new trace)
+
+
 class RouteSettings(Section):
     prefix: str
     upstream: str
@@ -622,6 +638,7 @@ class Settings(BaseSettings):
     session: SessionSettings = SessionSettings()
     csrf: CsrfSettings = CsrfSettings()
     log: LogSettings = LogSettings()
+    tracing: TracingSettings = TracingSettings()
     routes: tuple[RouteSettings, ...] = ()
 
     @classmethod

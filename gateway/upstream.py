@@ -47,6 +47,7 @@ from gateway.metrics import Metrics
 from gateway.principal import Principal
 from gateway.routing import Route
 from gateway.set_cookie import CookieGuard
+from gateway.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,9 @@ class Upstream:
         own_cookies: frozenset[str] = frozenset(),
         dpop_upstream: Literal["as_received", "bearer"] = "as_received",
         thumbprint_header: str = "X-DPoP-Thumbprint",
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         self._http = http
         self._pool = pool
         self._metrics = metrics
@@ -332,6 +335,9 @@ class Upstream:
         ctx = current()
         if ctx is not None:
             headers["X-Request-Id"] = ctx.request_id
+            if ctx.trace is not None:
+                # Our span is the upstream's parent; a caller's tracestate passes as sent.
+                headers["traceparent"] = ctx.trace.traceparent()
         return headers
 
     def _is_trusted(self, peer: str) -> bool:
@@ -371,6 +377,32 @@ class Upstream:
         path: str,
     ) -> UpstreamReply:
         """Send the request; the caller reads or relays the reply and releases it."""
+        tracing = self._tracing
+        ctx = current()
+        if tracing is None or not tracing.recording or ctx is None:
+            return await self._open(request, route, headers, body, path)
+        upstream = route.upstream
+        with tracing.upstream_span(
+            ctx.trace, request.method, upstream.host or "", upstream.port
+        ) as (
+            span,
+            traceparent,
+        ):
+            if traceparent is not None:
+                headers["traceparent"] = traceparent  # the client span is the parent now
+            reply = await self._open(request, route, headers, body, path)
+            if span is not None:
+                span.set_attribute("http.response.status_code", reply.status)
+            return reply
+
+    async def _open(
+        self,
+        request: web.Request,
+        route: Route,
+        headers: CIMultiDict[str],
+        body: RequestBody,
+        path: str,
+    ) -> UpstreamReply:
         query = request.raw_path.partition("?")[2]  # as sent, never re-encoded
         started = time.perf_counter()
         try:

@@ -41,6 +41,7 @@ async def test_resources_open_in_order_and_close_in_reverse(
     names = [ctx.__name__ for ctx in app.cleanup_ctx]
     assert names == [
         "access_log",
+        "traces",
         "upstream_http",
         "idp_http",
         "token_keys",
