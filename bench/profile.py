@@ -151,6 +151,9 @@ def main() -> int:
     if target is None or not target.wrk:
         print(f"{args.target}: not a wrk target", file=sys.stderr)
         return 2
+    if target.client == "dpop" and args.seconds + 4 > 45:
+        print("--seconds: at most 41 with DPoP (proofs signed before wrk)", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="tokengate-profile-") as tmp:
         procs = Processes(Path(tmp))
         try:
@@ -165,8 +168,9 @@ def main() -> int:
             run = lab.start([target], tag="profile")[target.name]
             assert run.proc is not None
             lab.probe(run, args.body)
-            extra, script_args = lab.client_args(target, threads=2)
-            wrk_argv = [WRK, "-t2", "-c64", f"-d{args.seconds + 4}s", *extra, run.url(args.body)]
+            seconds = args.seconds + 4
+            extra, script_args = lab.client_args(target, 2, run.url(args.body), seconds)
+            wrk_argv = [WRK, "-t2", "-c64", f"-d{seconds}s", *extra, run.url(args.body)]
             if script_args:
                 wrk_argv += ["--", *script_args]
             raw = Path(tmp) / "profile.txt"

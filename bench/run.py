@@ -53,6 +53,8 @@ from wrk import run_wrk
 
 STORM_TARGET = "tg-refresh-storm"
 STORM_BODY = "200b"
+# Proofs are signed (iat) just before a run; tokengate takes them for 60 s (+5 s leeway).
+MAX_DPOP_DURATION_S = 45
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,6 +127,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{name}: {BY_NAME[name].note}")
         if not BY_NAME[name].wrk:
             p.error(f"{name} is not a wrk target: it has its own section (see --skip-storm)")
+    if BY_NAME[args.scaling_target].client == "dpop":
+        p.error("--scaling-target: DPoP proofs are signed per run; fill runs last up to 60 s")
+    wrk_targets = [*args.targets, *([] if args.skip_latency else LATENCY)]
+    dpop = any(BY_NAME[n].client == "dpop" for n in wrk_targets)
+    if dpop and args.duration > MAX_DPOP_DURATION_S:
+        p.error(
+            f"--duration: at most {MAX_DPOP_DURATION_S} s with DPoP targets (a proof's iat "
+            "must stay within tokengate's 60 s)"
+        )
     if args.sessions < 1 or args.storm_rounds < 1 or args.storm_requests < 1:
         p.error("--sessions, --storm-rounds and --storm-requests must be at least 1")
     if any(body not in nginx.BODIES for body in args.bodies):
@@ -172,9 +183,13 @@ class Bench:
         by_body: dict[str, Runs] = {}
         peak: dict[tuple[str, str], int] = {}
         latency: Runs = {}
+        introspecting = 0  # tokengate instances started with an opaque token to introspect
         for body in args.bodies:
             with_latency = body == args.bodies[0] and not args.skip_latency
             extra = [BY_NAME[n] for n in LATENCY if with_latency and n not in args.targets]
+            introspecting += sum(
+                t.is_tokengate and t.client == "introspect-warm" for t in selected + extra
+            )
             running = lab.start(selected + extra, tag=body)
             try:
                 group = [running[t.name] for t in selected]
@@ -188,6 +203,8 @@ class Bench:
                     latency = self.rounds("latency", lowload, body, threads=1, connections=1)
             finally:
                 self.stop(running)
+        if introspecting:
+            self.check_introspections(introspecting)
         c, t, d = args.connections, args.threads, args.duration
         sections.append(
             (
@@ -220,6 +237,28 @@ class Bench:
             access_log=not args.no_access_log,
             notes=[(t.name, t.note) for t in TARGETS],
         )
+
+    def check_introspections(self, instances: int) -> None:
+        """The opaque token was introspected once per tokengate instance (cache warm for
+        every other request), and every call was authenticated and answered active."""
+        calls = self.lab.introspections()
+        sent = sum(
+            n
+            for name, n in self.sent.items()
+            if name in BY_NAME
+            and BY_NAME[name].is_tokengate
+            and BY_NAME[name].client == "introspect-warm"
+        )
+        log(
+            f"issuer: {sum(calls.values())} introspection calls (active {calls['active']}, "
+            f"inactive {calls['inactive']}, unauthenticated {calls['unauthenticated']}) for "
+            f"{sent:,} requests to tokengate with the opaque token, {instances} instance(s)"
+        )
+        if calls["active"] > instances or calls["inactive"] or calls["unauthenticated"]:
+            self.failures.append(
+                f"introspection: {calls} at the issuer, expected at most {instances} active "
+                "calls (one per instance) and no other"
+            )
 
     def prepare(self, group: list[Running], body: str) -> None:
         for run in group:
@@ -258,11 +297,12 @@ class Bench:
     def measure(
         self, run: Running, body: str, round_: int, threads: int, connections: int, duration_s: int
     ) -> Run:
-        extra, script_args = self.lab.client_args(run.target, threads)
+        url = run.url(body)
+        extra, script_args = self.lab.client_args(run.target, threads, url, duration_s)
         pid = run.proc.pid if run.proc else None
         before = tree_cpu_s(pid) if pid else None
         result = run_wrk(
-            run.url(body),
+            url,
             duration_s=duration_s,
             threads=threads,
             connections=connections,
@@ -270,7 +310,9 @@ class Bench:
             script_args=script_args,
         )
         cpu_s = tree_cpu_s(pid) - before if pid and before is not None else None
-        if result.next_index is not None:
+        if run.target.client == "dpop":
+            self.lab.check_dpop_run(run.target, threads, result.requests, result.next_index)
+        elif result.next_index is not None:
             self.lab.advance_cursor(run.target, result.next_index)
         self.sent[run.target.name] = self.sent.get(run.target.name, 0) + result.requests
         self.errors += result.errors

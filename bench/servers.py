@@ -4,12 +4,14 @@ and each proxy.
 :class:`Lab` owns the run's temp dir and every process in it (through ``Processes``).
 The origin, the issuer and Redis live for the whole benchmark; proxies are started per
 group of runs (:meth:`Lab.start`) so each group's peak RSS is its own.
-:meth:`Lab.client_args` says what wrk sends to a target: nothing, one token, a new token
-every request, or a new session cookie every request.
+:meth:`Lab.client_args` says what wrk sends to a target: nothing, one token (a JWT or an
+opaque one), a new token every request, a DPoP-bound token with a new proof every request
+(signed for that run just before it), or a new session cookie every request.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
@@ -22,6 +24,7 @@ import jwt
 import nginx
 import redis
 import yaml
+from dpop import ProofSigner
 from issuer import Issuer
 from procs import (
     LOOPBACK,
@@ -43,6 +46,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 PICK_HEADER_LUA = BENCH_DIR / "lua" / "pick_header.lua"
 TOKEN_CACHE_SIZE = 1024  # tokengate's default oidc.token_cache_size, set explicitly
 REDIS_SERVER = "/usr/bin/redis-server"
+# DPoP proofs signed before each run of a dpop client: this many per second of the run, so
+# that none is sent twice (tokengate refuses a replay); far above what it serves here.
+DPOP_PROOFS_PER_S = 12_000
 
 
 @dataclass
@@ -67,6 +73,10 @@ class Lab:
         self.issuer: Issuer | None = None
         self.issuer_url: str | None = None
         self.warm_token = ""
+        self.opaque_token = ""  # introspect-warm: introspected at the issuer
+        self.dpop_signer = ProofSigner()
+        self.dpop_token = ""  # bound to dpop_signer's key (cnf.jkt)
+        self.dpop_proofs: dict[str, int] = {}  # proofs in each target's file, its last run
         self.cold_tokens_file = tmp / "tokens.txt"
         self.cold_first = ""
         self.redis_url: str | None = None
@@ -100,6 +110,8 @@ class Lab:
         ]
         proc = self.procs.start("issuer", argv)
         self.warm_token = issuer.mint("warm-user")
+        self.opaque_token = issuer.mint_opaque()
+        self.dpop_token = issuer.mint("dpop-user", cnf={"jkt": self.dpop_signer.thumbprint})
         if cold_tokens > 0:
             started = time.monotonic()
             tokens = [issuer.mint(f"user-{i}") for i in range(cold_tokens)]
@@ -151,6 +163,15 @@ class Lab:
         refresh_token = f"rt-seed-{secrets.token_urlsafe(24)}"  # new to the issuer
         session = new_session(subject, token, _expiry(token), refresh_token)
         return seed(self.session_settings, [session])[0].cookie
+
+    def introspections(self) -> dict[str, int]:
+        """The issuer's introspection calls so far: active, inactive, unauthenticated."""
+        assert self.issuer_url is not None
+        status, body = http_get(f"{self.issuer_url}/__stats")
+        if status != 200:
+            raise BenchError(f"issuer /__stats answered {status}")
+        calls: dict[str, int] = json.loads(body)["introspections"]
+        return calls
 
     def redis_version(self) -> str:
         assert self.redis_url is not None
@@ -246,6 +267,13 @@ class Lab:
             headers["Authorization"] = f"Bearer {self.warm_token}"
         elif run.target.client == "bearer-cold":
             headers["Authorization"] = f"Bearer {self.cold_first}"
+        elif run.target.client == "introspect-warm":
+            headers["Authorization"] = f"Bearer {self.opaque_token}"
+        elif run.target.client == "dpop":
+            headers["Authorization"] = f"DPoP {self.dpop_token}"
+            headers["DPoP"] = self.dpop_signer.proof(
+                method="GET", url=run.url(body), access_token=self.dpop_token
+            )
         elif run.target.client in ("session", "refresh-storm"):
             headers = self.session_headers(self.first_cookie)
         status, data = http_get(run.url(body), headers)
@@ -256,12 +284,26 @@ class Lab:
                 f"with {len(data)} bytes\n{tail}"
             )
 
-    def client_args(self, target: Target, threads: int) -> tuple[list[str], list[str]]:
-        """(wrk options, script arguments) for what this target's client sends."""
+    def client_args(
+        self, target: Target, threads: int, url: str, duration_s: float
+    ) -> tuple[list[str], list[str]]:
+        """(wrk options, script arguments) for what this target's client sends to ``url``
+        in a run of ``duration_s``. For a dpop client this signs the run's proofs."""
         if target.client == "plain":
             return [], []
         if target.client == "bearer-warm":
             return ["-H", f"Authorization: Bearer {self.warm_token}"], []
+        if target.client == "introspect-warm":
+            return ["-H", f"Authorization: Bearer {self.opaque_token}"], []
+        if target.client == "dpop":
+            proofs = self.write_dpop_proofs(target, url, duration_s)
+            return ["-s", str(PICK_HEADER_LUA), "-H", f"Authorization: DPoP {self.dpop_token}"], [
+                str(proofs),
+                "DPoP",
+                "",  # the proof is the whole header value
+                "0",  # a new file each run: from its first line
+                str(threads),
+            ]
         start = str(self._cursors.get(target.client, 0))
         if target.client == "bearer-cold":
             return ["-s", str(PICK_HEADER_LUA)], [
@@ -280,6 +322,35 @@ class Lab:
                 str(threads),
             ]
         raise BenchError(f"{target.name}: client {target.client!r} is not a wrk client")
+
+    def write_dpop_proofs(self, target: Target, url: str, duration_s: float) -> Path:
+        """A new file of ``DPOP_PROOFS_PER_S`` x ``duration_s`` proofs for GET ``url``, each
+        to be sent once (see :meth:`check_dpop_run`)."""
+        count = round(DPOP_PROOFS_PER_S * max(1.0, duration_s))
+        path = self.tmp / f"proofs-{target.name}.txt"
+        elapsed = self.dpop_signer.write_proofs(
+            path, count, method="GET", url=url.partition("?")[0], access_token=self.dpop_token
+        )
+        self.dpop_proofs[target.name] = count
+        _log(
+            f"{target.name}: signed {count:,} DPoP proofs in {elapsed:.2f}s "
+            f"({elapsed * 1e6 / count:.0f} µs each)"
+        )
+        return path
+
+    def check_dpop_run(
+        self, target: Target, threads: int, requests: int, next_index: int | None
+    ) -> None:
+        """Refuse a run that sent a proof twice: more requests than proofs, or a wrk thread
+        that went past the end of the file (pick_header.lua would start over). Thread t
+        sends lines t, t + threads, ...: the last line sent is at most the highest next
+        index less ``threads``."""
+        proofs = self.dpop_proofs.get(target.name, 0)
+        if next_index is None or requests > proofs or next_index - threads >= proofs:
+            raise BenchError(
+                f"{target.name}: {requests:,} requests (next index {next_index}) but "
+                f"{proofs:,} DPoP proofs: a proof would repeat; raise DPOP_PROOFS_PER_S"
+            )
 
     def advance_cursor(self, target: Target, next_index: int) -> None:
         """Continue the next run where this one stopped (bearer-cold: tokens new to tokengate)."""

@@ -5,6 +5,10 @@ A target is a server to start (``kind``), a path on it and the credentials wrk s
 :func:`tokengate_config` and, when the client needs fixtures, a branch in ``servers.py``'s
 ``Lab.client_args`` (and ``Lab.probe``).
 
+Each ``tg-*`` row has a floor sent the same request (``floor=``): ``floor-bearer``,
+``floor-introspect`` and ``floor-dpop`` forward the headers they get as they are, without
+checking them, so **x floor, same request** leaves what checking costs.
+
 Sessions (``tg-session``, ``tg-refresh-storm``) live in a real ``redis-server`` started by
 the driver; :func:`session_settings` is the one ``session:`` section both tokengate and the
 driver's seeding (``seed.py``, through gateway's own store) read, so the keys, the cookie
@@ -17,10 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from issuer import AUDIENCE, CLIENT_ID
+from issuer import AUDIENCE, CLIENT_ID, INTROSPECTION_CLIENT_ID, INTROSPECTION_CLIENT_SECRET
 
 Kind = Literal["origin", "nginx", "floor", "tokengate"]
-Client = Literal["plain", "bearer-warm", "bearer-cold", "session", "refresh-storm"]
+Client = Literal[
+    "plain", "bearer-warm", "bearer-cold", "introspect-warm", "dpop", "session", "refresh-storm"
+]
+# Introspection answers kept this long (tokengate's maximum): one call per instance, the
+# whole run a cache hit. The issuer's answers say exp = an hour after the call.
+INTROSPECTION_CACHE_TTL_S = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +84,47 @@ TARGETS: tuple[Target, ...] = (
         note="a new token every request, cache miss (signature check)",
     ),
     Target(
+        "floor-introspect",
+        "floor",
+        "introspect-warm",
+        needs=ISSUER,
+        floor="floor-introspect",
+        note="the floor sent tg-introspect-warm's Authorization: Bearer header (a 65-byte "
+        "opaque token; forwarded as is)",
+    ),
+    Target(
+        "tg-introspect-warm",
+        "tokengate",
+        "introspect-warm",
+        "/introspect",
+        needs=ISSUER,
+        floor="floor-introspect",
+        note="one opaque token (no JWS), RFC 7662 introspection at the bench issuer: one call "
+        "per instance, then introspection-cache hits (cache_ttl_s 3600); its same-request "
+        "floor is floor-introspect (floor-bearer's token is ten times longer)",
+    ),
+    Target(
+        "floor-dpop",
+        "floor",
+        "dpop",
+        needs=ISSUER,
+        floor="floor-dpop",
+        note="the floor sent tg-dpop's request (Authorization: DPoP and a new DPoP proof each "
+        "request, from the same proofs file; forwarded as is)",
+    ),
+    Target(
+        "tg-dpop",
+        "tokengate",
+        "dpop",
+        "/dpop",
+        needs=ISSUER,
+        floor="floor-dpop",
+        note="one DPoP-bound RS256 token (cnf.jkt; verified-token cache hit) and a new ES256 "
+        "DPoP proof every request (signature, claims, jti remembered): route require_dpop, "
+        "dpop.replay_store memory; with replay_store redis each request adds one Redis SET "
+        "NX. Same-request floor: floor-dpop",
+    ),
+    Target(
         "tg-session",
         "tokengate",
         "session",
@@ -102,9 +152,15 @@ THROUGHPUT = (
     "tg-none",
     "tg-bearer-warm",
     "tg-bearer-cold",
+    "floor-introspect",
+    "tg-introspect-warm",
+    "floor-dpop",
+    "tg-dpop",
     "tg-session",
 )
-LATENCY = ("origin", *THROUGHPUT)
+# Latency is against the origin: the floors sent other targets' requests add nothing there
+# (floor-bearer, the first of them, stays as it always was).
+LATENCY = ("origin", *(n for n in THROUGHPUT if n not in ("floor-introspect", "floor-dpop")))
 
 SESSION_COOKIE = "tg_session"  # no __Host- prefix: the bench is plain http on loopback
 CSRF_HEADER = "X-CSRF"  # tokengate's csrf.header, which every cookie request must carry
@@ -137,9 +193,12 @@ def tokengate_config(
 ) -> dict[str, Any]:
     """A tokengate configuration for one benchmark instance (loopback only).
 
-    With ``issuer_url``, a ``/bearer/`` route; with ``redis_url`` as well, a ``/session/``
-    route and the session, client and CSRF settings it needs (refresh: oauth2 at the
-    issuer's ``token_endpoint`` from discovery, tokengate's default timeouts)."""
+    With ``issuer_url``, the routes ``/bearer/`` (JWTs), ``/introspect/`` (opaque tokens,
+    introspected at the issuer by the ``oidc`` provider: they are no JWS) and ``/dpop/``
+    (``require_dpop``, proofs remembered in memory); with ``redis_url`` as well, a
+    ``/session/`` route and the session, client and CSRF settings it needs (refresh:
+    oauth2 at the issuer's ``token_endpoint`` from discovery, tokengate's default
+    timeouts)."""
     routes: list[dict[str, Any]] = [
         {"prefix": "/none/", "upstream": origin_url, "auth": "none", "strip_prefix": True},
     ]
@@ -157,16 +216,32 @@ def tokengate_config(
             "issuer": issuer_url,
             "audience": AUDIENCE,
             "token_cache_size": token_cache_size,
+            # JWTs are still checked locally (validation: jwt); only opaque tokens go here.
+            "introspection": {
+                "endpoint": f"{issuer_url}/introspect",
+                "client_id": INTROSPECTION_CLIENT_ID,
+                "client_secret": INTROSPECTION_CLIENT_SECRET,
+                "client_auth": "client_secret_basic",
+                "cache_ttl_s": INTROSPECTION_CACHE_TTL_S,
+            },
         }
-        routes.append(
-            {
-                "prefix": "/bearer/",
-                "upstream": origin_url,
-                "auth": "bearer",
-                "scopes": ["api.read"],
-                "strip_prefix": True,
-            }
-        )
+        # The proof's own cost: with replay_store redis, each request adds one SET NX.
+        config["dpop"] = {"replay_store": "memory"}
+        for prefix, extra in (
+            ("/bearer/", {}),
+            ("/introspect/", {}),
+            ("/dpop/", {"require_dpop": True}),
+        ):
+            routes.append(
+                {
+                    "prefix": prefix,
+                    "upstream": origin_url,
+                    "auth": "bearer",
+                    "scopes": ["api.read"],
+                    "strip_prefix": True,
+                    **extra,
+                }
+            )
         if redis_url is not None:
             config["oidc"].update(client_id=CLIENT_ID, client_auth="none")
             config["session"] = session_settings(redis_url)

@@ -1,9 +1,12 @@
 """The benchmark harness (bench/run.py --smoke) starts every target and each answers 200s;
-its small refresh storm gets every request answered 200 with one refresh grant."""
+its small refresh storm gets every request answered 200 with one refresh grant; the
+introspection target's opaque token is introspected once (then cache hits), and the DPoP
+target's proofs are signed for its run."""
 
 from __future__ import annotations
 
 import importlib
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +20,8 @@ pytestmark = [pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STORM = "tg-refresh-storm"
+INTROSPECT = "tg-introspect-warm"
+DPOP = "tg-dpop"
 TIMEOUT_S = 90
 
 
@@ -54,6 +59,12 @@ def run_smoke() -> tuple[int, str, str]:
     return proc.returncode, stdout, stderr
 
 
+@pytest.fixture(scope="module")
+def smoke() -> tuple[int, str, str]:
+    """One smoke run (~25 s) for every test here."""
+    return run_smoke()
+
+
 def table_rows(report: str) -> dict[str, list[str]]:
     """Rows of the Markdown tables, by their target column."""
     rows = {}
@@ -64,8 +75,8 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_smoke_run_gets_200s_from_every_target() -> None:
-    code, stdout, stderr = run_smoke()
+def test_smoke_run_gets_200s_from_every_target(smoke: tuple[int, str, str]) -> None:
+    code, stdout, stderr = smoke
 
     assert code == 0, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}"
     rows = table_rows(stdout)
@@ -79,3 +90,23 @@ def test_smoke_run_gets_200s_from_every_target() -> None:
     assert int(requests) > 0
     assert answered_200 == requests, f"not every storm request got a 200: {storm}"
     assert grants == "1", f"a storm round must make exactly one refresh grant: {storm}"
+
+
+def test_smoke_run_introspects_once_and_signs_proofs_per_run(
+    smoke: tuple[int, str, str],
+) -> None:
+    code, stdout, stderr = smoke
+
+    assert code == 0, f"exit {code}\nstderr:\n{stderr[-3000:]}"
+    assert {INTROSPECT, DPOP} <= set(throughput_targets())
+    # One tokengate instance (one body): one introspection call, the probe's; every other
+    # request was a cache hit. The driver fails the run otherwise; this checks it says so.
+    calls = re.search(r"^issuer: (\d+) introspection calls \(active (\d+)", stderr, re.M)
+    assert calls is not None, stderr[-3000:]
+    assert calls.groups() == ("1", "1"), calls.group(0)
+    # The warm-up is off in smoke mode: one file of proofs, signed for the one run.
+    signed = re.findall(rf"^{DPOP}: signed ([\d,]+) DPoP proofs", stderr, re.M)
+    assert len(signed) == 1, stderr[-3000:]
+    requests = table_rows(stdout)[DPOP]
+    assert float(requests[2].replace(",", "")) > 0
+    assert requests[-1] == "0"
