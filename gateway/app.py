@@ -132,7 +132,12 @@ async def token_keys(app: web.Application) -> AsyncIterator[None]:
         return
     state = _token_state(settings)
     providers = build_providers(
-        settings.token_providers, app[IDP_HTTP], app[METRICS], shared=state, clock=app[CLOCK]
+        settings.token_providers,
+        app[IDP_HTTP],
+        app[METRICS],
+        shared=state,
+        clock=app[CLOCK],
+        tracer=app[TRACING].tracer,
     )
     app[PROVIDERS] = providers
     oidc = providers.get(OIDC_PROVIDER)
@@ -179,7 +184,11 @@ async def session_store(app: web.Application) -> AsyncIterator[None]:
         from gateway.sessions.redis_store import RedisSessionStore, build_redis
 
         redis_store = RedisSessionStore(
-            settings.session, build_redis(settings.session), app[METRICS], clock=app[CLOCK]
+            settings.session,
+            build_redis(settings.session),
+            app[METRICS],
+            clock=app[CLOCK],
+            tracer=app[TRACING].tracer,
         )
         redis_store.start()  # follows invalidations for its local cache; aclose stops it
         store = redis_store
@@ -206,7 +215,9 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
         refresh, settings.oidc.client_id, app[IDP_HTTP], metrics, clock=app[CLOCK]
     )
     dialect = oauth if json_api is None else json_api
-    refresher = Refresher(store, dialect, refresh, metrics, clock=app[CLOCK])
+    refresher = Refresher(
+        store, dialect, refresh, metrics, clock=app[CLOCK], tracer=app[TRACING].tracer
+    )
     cookies = SessionCookies(settings.session)
     authenticator = SessionAuthenticator(
         cookies,

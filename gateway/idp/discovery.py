@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.idp.tokens import IdpUnavailable
 from gateway.settings import IssuerSettings
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ class ProviderMetadata:
 class Discovery:
     """Owns the provider metadata; ``load`` fetches it once, concurrent callers share it."""
 
-    def __init__(self, settings: IssuerSettings, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, settings: IssuerSettings, http: aiohttp.ClientSession, tracer: Tracer = NO_TRACER
+    ) -> None:
+        self._tracer = tracer
         self._settings = settings
         self._http = http
         self._metadata: ProviderMetadata | None = None
@@ -76,7 +81,8 @@ class Discovery:
             return self._metadata
         async with self._lock:
             if self._metadata is None:
-                self._metadata = await self._fetch()
+                with self._tracer.start_as_current_span("discovery", kind=SpanKind.CLIENT):
+                    self._metadata = await self._fetch()
         return self._metadata
 
     async def _fetch(self) -> ProviderMetadata:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from opentelemetry.trace import SpanKind, Tracer
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.connection import Connection, SSLConnection
@@ -77,6 +78,7 @@ from gateway.sessions.model import (
     SessionWatch,
 )
 from gateway.settings import SessionSettings
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +411,9 @@ class RedisSessionStore:
         client: RedisClient,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._client = client
         self._metrics = metrics
         self._clock = clock
@@ -569,10 +573,13 @@ class RedisSessionStore:
         cache = self._cache
         generation = 0 if cache is None else cache.generation
         key = self._session_key(handle.storage_id)
-        async with self._translated():
-            found = await self._load_and_touch(
-                keys=[key], args=[self._now_ms(), self._idle_ms, self._absolute_ms]
-            )
+        with self._tracer.start_as_current_span(
+            "session load", kind=SpanKind.CLIENT, attributes={"db.system.name": "redis"}
+        ):
+            async with self._translated():
+                found = await self._load_and_touch(
+                    keys=[key], args=[self._now_ms(), self._idle_ms, self._absolute_ms]
+                )
         if found is None:
             return None
         version, blob = found

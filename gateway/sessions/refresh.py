@@ -22,6 +22,9 @@ import secrets
 import time
 from collections.abc import Callable
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from gateway.errors import (
     IdpError,
     RefreshUnavailableError,
@@ -36,6 +39,7 @@ from gateway.sessions.late_saves import LateSaves
 from gateway.sessions.model import RefreshBackoff, Session, SessionHandle, SessionStore
 from gateway.settings import RefreshSettings
 from gateway.single_flight import SingleFlight
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,9 @@ class Refresher:
         settings: RefreshSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._store = store
         self._dialect = dialect
         self._settings = settings
@@ -87,7 +93,7 @@ class Refresher:
         session = self._late.newest(handle.storage_id, session)
         if not self._wants_refresh(session, force):
             if force:
-                self._metrics.refresh_total.labels(result="forced_too_soon").inc()
+                self._result("forced_too_soon")
             return session
         backoff_s = self._backoffs.remaining_s(handle.storage_id)
         if backoff_s > 0:
@@ -106,8 +112,9 @@ class Refresher:
             return session
         started = time.perf_counter()
         try:
-            # shield: this caller may be cancelled (client gone); the flight must not be.
-            return await asyncio.shield(flight)
+            with self._tracer.start_as_current_span("refresh wait"):
+                # shield: this caller may be cancelled (client gone); the flight must not be.
+                return await asyncio.shield(flight)
         finally:
             self._metrics.refresh_lock_wait_seconds.observe(time.perf_counter() - started)
 
@@ -135,7 +142,21 @@ class Refresher:
             return True  # someone refreshed since this request read the session
         return not self._wants_refresh(current, force)
 
+    def _result(self, result: str) -> None:
+        """Count a refresh's result, and say it on its span (``_refresh``'s, current)."""
+        self._metrics.refresh_total.labels(result=result).inc()
+        trace.get_current_span().set_attribute("tokengate.refresh.result", result)
+
     async def _refresh(self, handle: SessionHandle, seen: Session, force: bool) -> Session:
+        # Under the span of the request that started the flight (its context is copied).
+        attributes = {
+            "tokengate.refresh.dialect": self._settings.dialect,
+            "tokengate.refresh.forced": force,
+        }
+        with self._tracer.start_as_current_span("session refresh", attributes=attributes):
+            return await self._refresh_locked(handle, seen, force)
+
+    async def _refresh_locked(self, handle: SessionHandle, seen: Session, force: bool) -> Session:
         store = self._store
         deadline = time.monotonic() + self._settings.effective_lock_wait_s
         current = seen
@@ -145,7 +166,7 @@ class Refresher:
             backoff = await store.load_backoff(handle)
             if backoff is not None and backoff.until > self._clock():
                 self._backoffs.remember(handle.storage_id, backoff.until)
-                self._metrics.refresh_total.labels(result="backoff").inc()
+                self._result("backoff")
                 return self._serve_stale(current, retry_after_s(backoff.until - self._clock()))
             token = secrets.token_urlsafe(18)  # a fresh lock token per acquisition
             locked_at = asyncio.get_running_loop().time()  # no later than the lock's start
@@ -153,7 +174,7 @@ class Refresher:
                 try:
                     current = await self._reload(handle)
                     if self._is_fresh(current, seen, force):
-                        self._metrics.refresh_total.labels(result="already_fresh").inc()
+                        self._result("already_fresh")
                         return current
                     return await self._call_idp(handle, current, backoff, token, locked_at)
                 finally:
@@ -161,12 +182,17 @@ class Refresher:
                         await self._release(handle, token)
             remaining = deadline - time.monotonic()
             if remaining > 0:
-                await store.wait_for_unlock(handle, remaining)
+                # Another replica (or a lock orphaned by one) holds the refresh.
+                trace.get_current_span().set_attribute("tokengate.refresh.waited_for_lock", True)
+                with self._tracer.start_as_current_span(
+                    "refresh lock wait", attributes={"tokengate.lock.held_by": "another_replica"}
+                ):
+                    await store.wait_for_unlock(handle, remaining)
             current = await self._reload(handle)
             if self._is_fresh(current, seen, force):
                 return current
             if time.monotonic() >= deadline:
-                self._metrics.refresh_total.labels(result="lock_timeout").inc()
+                self._result("lock_timeout")
                 return self._serve_stale(current)
 
     async def _release(self, handle: SessionHandle, token: str) -> None:
@@ -222,9 +248,9 @@ class Refresher:
             return updated
         if saved is None:
             # Compare-and-set lost: the session was ended (logout) or rewritten meanwhile.
-            self._metrics.refresh_total.labels(result="conflict").inc()
+            self._result("conflict")
             return await self._reload(handle)
-        self._metrics.refresh_total.labels(result="success").inc()
+        self._result("success")
         log.info("refresh", extra={"result": "success", "version": saved.version})
         return saved
 
@@ -238,7 +264,7 @@ class Refresher:
         """No refresh of this session, on any replica, until the backoff runs out."""
         backoff = self._backoffs.after_failure(previous)
         self._backoffs.remember(handle.storage_id, backoff.until)
-        self._metrics.refresh_total.labels(result="idp_unavailable").inc()
+        self._result("idp_unavailable")
         log.warning(
             "refresh",
             extra={
@@ -260,7 +286,7 @@ class Refresher:
         if latest is not None and latest.refresh_token != current.refresh_token:
             return latest
         await self._store.delete(handle)
-        self._metrics.refresh_total.labels(result="invalid_grant").inc()
+        self._result("invalid_grant")
         self._metrics.sessions_ended_total.labels(reason="refresh_rejected").inc()
         log.info("refresh", extra={"result": "invalid_grant"})
         raise SessionExpiredError()

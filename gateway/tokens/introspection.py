@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.errors import IntrospectionUnavailableError, InvalidTokenError
 from gateway.idp.client_auth import ClientAuthentication
@@ -52,6 +53,7 @@ from gateway.settings import IntrospectionSettings, ProviderSettings
 from gateway.single_flight import SingleFlight
 from gateway.tokens import jws
 from gateway.tokens.shared import SharedStateUnavailable, TokenState
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,9 @@ class Introspector:
         *,
         shared: TokenState | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         if provider.introspection is None:
             raise ValueError(f"provider {provider.name} has no introspection settings")
         settings: IntrospectionSettings = provider.introspection
@@ -297,7 +301,14 @@ class Introspector:
         status: int | None = None
         body: bytes | None = None
         try:
-            with idp_call(self._metrics, "introspection"):
+            with (
+                self._tracer.start_as_current_span(
+                    "introspection",
+                    kind=SpanKind.CLIENT,
+                    attributes={"tokengate.provider": name},
+                ),
+                idp_call(self._metrics, "introspection"),
+            ):
                 async with self._http.post(
                     endpoint, data=form, headers=headers, timeout=self._timeout
                 ) as resp:

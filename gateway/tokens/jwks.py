@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
@@ -26,6 +27,7 @@ from gateway.idp.tokens import IdpUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import IssuerSettings
 from gateway.single_flight import SingleFlight
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ class JwksCache:
         http: aiohttp.ClientSession,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._settings = settings
         self._discovery = discovery
         self._http = http
@@ -165,6 +169,10 @@ class JwksCache:
         return key if key is not None and alg in key.algorithms else None
 
     async def _fetch(self) -> float:
+        with self._tracer.start_as_current_span("jwks fetch", kind=SpanKind.CLIENT):
+            return await self._fetch_keys()
+
+    async def _fetch_keys(self) -> float:
         try:
             metadata = await self._discovery.load()
             async with self._http.get(

@@ -103,11 +103,6 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def is_compact(token: str) -> bool:
-    """Whether ``token`` has the shape of a compact JWS (a JWT), else it is opaque to us."""
-    return _COMPACT.fullmatch(token) is not None
-
-
 def parse(token: str, known_headers: dict[str, Mapping[str, Any]]) -> CompactJws:
     """The three parts of a compact JWS; the header decoded, nothing verified yet.
     ``known_headers`` is the caller's memo of checked headers by segment (see HEADERS_KEPT)."""

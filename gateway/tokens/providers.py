@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from opentelemetry.trace import Tracer
 
 from gateway.errors import InvalidTokenError
 from gateway.idp.discovery import Discovery
@@ -38,6 +39,7 @@ from gateway.tokens.introspection import Introspector
 from gateway.tokens.jwks import JwksCache
 from gateway.tokens.shared import TokenState
 from gateway.tokens.validator import TokenValidator, principal_from_claims
+from gateway.tracing import NO_TRACER
 
 _NO_PROVIDER = "-"  # the metric label of a token no provider could be picked for
 
@@ -53,6 +55,7 @@ class Provider:
         *,
         shared: TokenState | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.name = settings.name
         self.settings = settings
@@ -60,19 +63,31 @@ class Provider:
         self._clock = clock
         self._own_http = _issuer_http(settings)
         http = self._own_http or idp_http
-        self.discovery = Discovery(settings, http) if settings.effective_discovery_url else None
+        self.discovery = (
+            Discovery(settings, http, tracer) if settings.effective_discovery_url else None
+        )
         self.jwks: JwksCache | None = None
         self.validator: TokenValidator | None = None
         if settings.validation == "jwt":
             self.jwks = JwksCache(
-                settings, self.discovery or Discovery(settings, http), http, metrics
+                settings,
+                self.discovery or Discovery(settings, http, tracer),
+                http,
+                metrics,
+                tracer=tracer,
             )
             self.validator = TokenValidator(settings, self.jwks, metrics, clock, name=self.name)
         self.introspector: Introspector | None = None
         if settings.introspection is not None:
             introspection_shared = shared if settings.introspection.shared_cache else None
             self.introspector = Introspector(
-                settings, self.discovery, http, metrics, shared=introspection_shared, clock=clock
+                settings,
+                self.discovery,
+                http,
+                metrics,
+                shared=introspection_shared,
+                clock=clock,
+                tracer=tracer,
             )
 
     @property
@@ -95,7 +110,7 @@ class Provider:
         return None if self.validator is None else self.validator.cached(token)
 
     async def validate(self, token: str, *, introspect: bool) -> Principal:
-        opaque = self.introspector is not None and not jws.is_compact(token)
+        opaque = self.introspector is not None and token.count(".") != 2
         if self.validator is None or opaque:
             return await self._introspected(token)  # every token, or an opaque one
         principal = await self.validator.validate(token)
@@ -148,7 +163,8 @@ class TokenProviders:
         introspect = route.introspect_jwts
         if len(accepted) == 1:
             only = accepted[0]
-            if only.validator is not None and (only.introspector is None or jws.is_compact(token)):
+            # A JWS has two dots; anything else is opaque to us (counted in C, no pattern).
+            if only.validator is not None and (only.introspector is None or token.count(".") == 2):
                 # One JWT provider: its validator looks in its cache first, and refuses
                 # another issuer's token before any key lookup.
                 return await only.validate(token, introspect=introspect)
@@ -199,10 +215,12 @@ def build_providers(
     *,
     shared: TokenState | None = None,
     clock: Callable[[], float] = time.time,
+    tracer: Tracer = NO_TRACER,
 ) -> TokenProviders:
-    return TokenProviders(
-        [Provider(p, idp_http, metrics, shared=shared, clock=clock) for p in providers], metrics
-    )
+    made = [
+        Provider(p, idp_http, metrics, shared=shared, clock=clock, tracer=tracer) for p in providers
+    ]
+    return TokenProviders(made, metrics)
 
 
 def _issuer_http(settings: ProviderSettings) -> aiohttp.ClientSession | None:
