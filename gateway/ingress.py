@@ -184,7 +184,7 @@ class Ingress:
                 outcome=ctx.outcome,
                 auth=ctx.auth_mode,
             )
-            if span.is_recording():  # sampled: a latency panel can link to its trace
+            if span.is_recording() and traced.ids is not None:  # sampled: a panel links to it
                 exemplar = traced.ids.trace_id_hex
         self._metrics.observe_request(
             ctx.route, method if method in _METHODS else "other", status, elapsed_s, exemplar

@@ -513,7 +513,9 @@ class TracingSettings(Section):
     sample_ratio: float = Field(1.0, ge=0, le=1)  # of new traces; a caller's decision stands
     service_name: str = "tokengate"  # OTEL_SERVICE_NAME wins, as the SDK reads it
     export_interval_ms: int = Field(5000, ge=10, le=60000)  # the batch's schedule delay
-    propagate: bool = True  # continue a caller's traceparent (false: always a new trace)
+    # Trace context at all: continue a caller's traceparent, send ours upstream, log the
+    # ids. False without an exporter: none of it (tracing off); with one: new traces only.
+    propagate: bool = True
 
 
 class RouteSettings(Section):

@@ -69,7 +69,7 @@ class RequestTrace:
 
     __slots__ = ("_token", "ids", "span")
 
-    def __init__(self, ids: TraceIds, span: Span | None, token: object | None) -> None:
+    def __init__(self, ids: TraceIds | None, span: Span | None, token: object | None) -> None:
         self.ids = ids
         self.span = span
         self._token = token
@@ -117,9 +117,12 @@ class Tracing:
     def start(self, headers: Mapping[str, str], method: str) -> RequestTrace:
         """The trace of a request arriving with ``headers``: continued or new."""
         parent: otel_context.Context | None = None
-        if self._settings.propagate and "traceparent" in headers:
+        propagate = self._settings.propagate
+        if propagate and "traceparent" in headers:
             parent = _PROPAGATOR.extract(headers)
         if self._provider is None:
+            if not propagate:
+                return _UNTRACED  # no ids, nothing sent upstream: tracing off
             return RequestTrace(self._ids_without_sdk(parent), None, None)
         span = self.tracer.start_span(
             method, context=parent, kind=SpanKind.SERVER, attributes={"http.request.method": method}
@@ -216,3 +219,6 @@ def _build_provider(settings: TracingSettings, service_version: str) -> TracerPr
         BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_interval_ms)
     )
     return provider
+
+
+_UNTRACED = RequestTrace(None, None, None)  # immutable in use: finish() returns at once
