@@ -177,6 +177,7 @@ class Ingress:
         span = traced.span
         exemplar = None
         if span is not None:
+            sampled = span.is_recording()  # asked before finish: an ended span records no more
             traced.finish(
                 method=method,
                 route=ctx.route,
@@ -184,7 +185,7 @@ class Ingress:
                 outcome=ctx.outcome,
                 auth=ctx.auth_mode,
             )
-            if span.is_recording() and traced.ids is not None:  # sampled: a panel links to it
+            if sampled and traced.ids is not None:  # a latency panel links to its trace
                 exemplar = traced.ids.trace_id_hex
         self._metrics.observe_request(
             ctx.route, method if method in _METHODS else "other", status, elapsed_s, exemplar

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from gateway.app import build_app
 from gateway.settings import Settings, parse_settings
 from tests.fakes.issuer import AUDIENCE, FakeIssuer
 from tests.fakes.upstream import FakeUpstream
+from tests.support.otlp import OtlpReceiver
 
 # Generated inputs: a fixed budget per property so `make test` stays fast on 2 cores, no
 # per-example deadline (a loaded CI machine is slow, not wrong); `make fuzz` raises it.
@@ -95,6 +96,15 @@ def base_config(issuer_url: str, upstream_url: str, **overrides: Any) -> dict[st
         else:
             config[key] = value
     return config
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    """An OTLP/HTTP trace receiver; fixtures that depend on it close their gateways (and
+    so flush their spans) before it stops."""
+    otlp = await OtlpReceiver().start()
+    yield otlp
+    await otlp.close()
 
 
 @pytest.fixture
