@@ -210,7 +210,9 @@ async def sessions(app: web.Application) -> AsyncIterator[None]:
     store, metrics, refresh = app[STORE], app[METRICS], settings.refresh
     # Without oidc.issuer (capture-only) discovery is never loaded unless oauth2 needs it.
     discovery = app.get(DISCOVERY) or Discovery(settings.oidc, app[IDP_HTTP])
-    oauth = OAuth2Client(settings.oidc, refresh, discovery, app[IDP_HTTP], metrics)
+    oauth = OAuth2Client(
+        settings.oidc, refresh, discovery, app[IDP_HTTP], metrics, tracer=app[TRACING].tracer
+    )
     json_api = build_json_dialect(
         refresh, settings.oidc.client_id, app[IDP_HTTP], metrics, clock=app[CLOCK]
     )

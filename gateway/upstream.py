@@ -335,9 +335,15 @@ class Upstream:
         ctx = current()
         if ctx is not None:
             headers["X-Request-Id"] = ctx.request_id
-            if ctx.trace is not None:
-                # Our span is the upstream's parent; a caller's tracestate passes as sent.
-                headers["traceparent"] = ctx.trace.traceparent()
+            trace = ctx.trace
+            if trace is not None:
+                # Our span is the upstream's parent; the caller's tracestate goes with its
+                # trace only (W3C: none with a traceparent we did not continue).
+                headers["traceparent"] = trace.traceparent()
+                if trace.tracestate is None:
+                    headers.popall("tracestate", None)
+                else:
+                    headers["tracestate"] = trace.tracestate
         return headers
 
     def _is_trusted(self, peer: str) -> bool:

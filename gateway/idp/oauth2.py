@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import aiohttp
+from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.idp.client_auth import ClientAuthentication
 from gateway.idp.discovery import Discovery
@@ -26,6 +27,7 @@ from gateway.idp.tokens import (
 from gateway.metrics import Metrics
 from gateway.sessions.model import Session
 from gateway.settings import OidcSettings, RefreshSettings
+from gateway.tracing import NO_TRACER
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ class OAuth2Client:
         discovery: Discovery,
         http: aiohttp.ClientSession,
         metrics: Metrics,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
+        self._tracer = tracer
         self._oidc = oidc
         self._refresh = refresh
         self._discovery = discovery
@@ -114,7 +118,12 @@ class OAuth2Client:
     async def _post(self, endpoint: str, form: dict[str, str], *, call: str) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
         form = {**form, **self._client_auth.fields(endpoint, headers)}
-        with idp_call(self._metrics, call):
+        with (
+            self._tracer.start_as_current_span(
+                f"idp {call}", kind=SpanKind.CLIENT, attributes={"tokengate.idp.call": call}
+            ),
+            idp_call(self._metrics, call),
+        ):
             async with self._http.post(
                 endpoint, data=form, headers=headers, timeout=self._timeout
             ) as resp:

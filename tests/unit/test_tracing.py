@@ -343,3 +343,31 @@ async def test_a_callers_unsampled_decision_stands_at_full_ratio(
     assert (await gateway.get("/public/y", headers={"traceparent": traceparent()})).status == 200
     await receiver.wait_for_spans(["GET public"], trace_id=CLIENT_TRACE)
     assert unsampled_trace not in receiver.trace_ids()
+
+
+async def test_a_tracestate_goes_only_with_the_trace_it_belongs_to(
+    open_gateway: OpenGateway, upstream: tuple[FakeUpstream, str]
+) -> None:
+    gateway = await open_gateway()
+    headers = {"traceparent": "00-not-a-trace-01", "tracestate": "vendor=abc"}
+    assert (await gateway.get("/public/x", headers=headers)).status == 200
+    trace_id, _, _ = received(upstream[0])
+    assert trace_id != CLIENT_TRACE
+    assert "tracestate" not in upstream[0].seen[-1].headers  # W3C: not for a new trace
+
+
+async def test_tracing_off_sends_and_logs_no_trace(
+    open_gateway: OpenGateway,
+    upstream: tuple[FakeUpstream, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gateway = await open_gateway(tracing={"propagate": False})
+    headers = {"traceparent": traceparent(), "tracestate": "vendor=abc"}
+    assert (await gateway.get("/public/x", headers=headers)).status == 200
+    # Off: the client's headers pass as any other header would; nothing of ours is added.
+    assert upstream[0].seen[-1].headers.getall("traceparent") == [traceparent()]
+    assert (await gateway.get("/public/y")).status == 200
+    assert "traceparent" not in upstream[0].seen[-1].headers
+    lines = access_lines(gateway.app, capsys)
+    assert len(lines) == 2
+    assert all("trace_id" not in line and "span_id" not in line for line in lines)
