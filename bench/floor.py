@@ -7,8 +7,8 @@ logs; tokengate cannot be faster than this on the same stack.
 import argparse
 
 import aiohttp
-import uvloop
 from aiohttp import web
+from procs import serve_on_loopback
 
 HOP_BY_HOP = frozenset(
     {
@@ -60,16 +60,7 @@ def main() -> None:
     app = web.Application()
     app.cleanup_ctx.append(client)
     app.router.add_route("*", "/{tail:.*}", handle)
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        backlog=1024,
-        shutdown_timeout=1.0,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
+    serve_on_loopback(app, args.port)
 
 
 if __name__ == "__main__":

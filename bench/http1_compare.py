@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from aiohttp import web
+from procs import serve_on_loopback
 
 HOP_BY_HOP = frozenset(
     {
@@ -121,19 +122,8 @@ def build_http1_proxy(upstream_port: int) -> web.Application:
 
 
 def serve(client: str, port: int, upstream_port: int) -> None:
-    import uvloop
-
     build = build_http1_proxy if client == "http1" else build_aiohttp_proxy
-    web.run_app(
-        build(upstream_port),
-        host="127.0.0.1",
-        port=port,
-        backlog=1024,
-        shutdown_timeout=1.0,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
+    serve_on_loopback(build(upstream_port), port)
 
 
 # -- the driver ----------------------------------------------------------------------------

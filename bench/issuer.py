@@ -44,6 +44,7 @@ from urllib.parse import unquote
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from procs import serve_on_loopback
 
 AUDIENCE = "https://api.bench.test"
 SCOPE = "api.read api.write"
@@ -173,7 +174,6 @@ class Issuer:
 
 
 def main() -> None:
-    import uvloop
     from aiohttp import web
 
     parser = argparse.ArgumentParser(
@@ -277,16 +277,7 @@ def main() -> None:
     app.router.add_post("/token", post_token)
     app.router.add_post("/introspect", post_introspect)
     app.router.add_get("/__stats", get_stats)
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        backlog=1024,
-        shutdown_timeout=1.0,
-        print=None,
-        access_log=None,
-        loop=uvloop.new_event_loop(),
-    )
+    serve_on_loopback(app, args.port)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -109,6 +110,24 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(list(self._procs)):
             self.stop(proc)
+
+
+def serve_on_loopback(app: Any, port: int) -> None:
+    """Serve an aiohttp ``app`` on 127.0.0.1:``port`` with uvloop until SIGTERM or SIGINT:
+    how the floor, the issuer and the OTLP sink run (no access log, a short shutdown)."""
+    import uvloop
+    from aiohttp import web
+
+    web.run_app(
+        app,
+        host=LOOPBACK,
+        port=port,
+        backlog=1024,
+        shutdown_timeout=1.0,
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 def wait_until_ready(proc: Proc, url: str, deadline_s: float = 30.0) -> None:

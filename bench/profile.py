@@ -165,6 +165,8 @@ def main() -> int:
             if "redis" in target.needs:
                 lab.start_redis()
                 lab.seed_sessions(1000)
+            if "otlp" in target.needs:
+                lab.start_otlp_sink()
             run = lab.start([target], tag="profile")[target.name]
             assert run.proc is not None
             lab.probe(run, args.body)

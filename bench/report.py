@@ -123,6 +123,36 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
     return table(header, rows)
 
 
+def traces_table(target: str, requests: int, sink: dict[str, int], sink_cpu_s: float) -> str:
+    """What the OTLP sink received from the span-recording targets, against the requests
+    wrk sent them (warm-up included; the requests in flight when a run stops, which wrk
+    does not count, one probe per instance and tokengate's own discovery and JWKS fetches
+    add a few spans). Each request makes a server and a client span, so
+    2.00 spans per request is every span exported; fewer is spans the SDK dropped. The
+    sink's CPU (since it was ready) shares the cores and is in no target's CPU µs/req."""
+    header = [
+        "target",
+        "requests sent",
+        "spans received",
+        "spans/request",
+        "export requests",
+        "KiB received",
+        "sink CPU µs/request",
+        "malformed",
+    ]
+    row = [
+        target,
+        f"{requests:,}",
+        f"{sink['spans']:,}",
+        fmt(sink["spans"] / requests if requests else None),
+        f"{sink['requests']:,}",
+        fmt(sink["bytes"] / 1024, 0),
+        fmt(sink_cpu_s * 1e6 / requests if requests else None, 0),
+        str(sink["malformed"]),
+    ]
+    return table(header, [row])
+
+
 def latency_table(runs: Runs, body: str, baseline: str = "origin") -> str:
     header = [
         "body",

@@ -1,7 +1,7 @@
 """The tokengate benchmark (issue #5): tokengate against nginx (the limit) and a bare
 aiohttp proxy (the floor), all on loopback, in interleaved rounds.
 
-    python bench/run.py                       # the default run, ~7 minutes on 2 cores
+    python bench/run.py                       # the default run, ~9 minutes on 2 cores
     python bench/run.py --rounds 5 --results bench/RESULTS.md
     python bench/run.py --smoke               # seconds; asserts every target answers 200
 
@@ -44,6 +44,7 @@ from report import (
     sessions_table,
     storm_table,
     throughput_table,
+    traces_table,
 )
 from seed import Footprint
 from servers import Lab, Running
@@ -179,17 +180,21 @@ class Bench:
         if any("redis" in t.needs for t in needed):
             lab.start_redis()
             footprint = lab.seed_sessions(args.sessions)
+        if any("otlp" in t.needs for t in needed):
+            lab.start_otlp_sink()
         sections = []
         by_body: dict[str, Runs] = {}
         peak: dict[tuple[str, str], int] = {}
         latency: Runs = {}
         introspecting = 0  # tokengate instances started with an opaque token to introspect
+        exporting = False  # a tokengate instance recording spans ran (tracing: sdk)
         for body in args.bodies:
             with_latency = body == args.bodies[0] and not args.skip_latency
             extra = [BY_NAME[n] for n in LATENCY if with_latency and n not in args.targets]
             introspecting += sum(
                 t.is_tokengate and t.client == "introspect-warm" for t in selected + extra
             )
+            exporting |= any(t.tracing == "sdk" for t in selected + extra)
             running = lab.start(selected + extra, tag=body)
             try:
                 group = [running[t.name] for t in selected]
@@ -205,6 +210,7 @@ class Bench:
                 self.stop(running)
         if introspecting:
             self.check_introspections(introspecting)
+        traces = self.check_traces() if exporting else None
         c, t, d = args.connections, args.threads, args.duration
         sections.append(
             (
@@ -212,6 +218,14 @@ class Bench:
                 throughput_table(by_body, peak),
             )
         )
+        if traces is not None:
+            sections.append(
+                (
+                    "Traces exported (tracing: sdk, sample_ratio 1.0, OTLP/HTTP to the bench's "
+                    "sink; counted after the instances stopped and flushed)",
+                    traces,
+                )
+            )
         if latency:
             sections.append(
                 (
@@ -259,6 +273,28 @@ class Bench:
                 f"introspection: {calls} at the issuer, expected at most {instances} active "
                 "calls (one per instance) and no other"
             )
+
+    def check_traces(self) -> str:
+        """The sink received spans from the instances that record them (tracing: sdk), and
+        none of the exports was malformed; the table of what it received per request."""
+        stats = self.lab.otlp_stats()
+        names = [n for n in self.sent if n in BY_NAME and BY_NAME[n].tracing == "sdk"]
+        sent = sum(self.sent[n] for n in names)
+        cpu_s = self.lab.otlp_cpu_s()
+        per_request = stats["spans"] / sent if sent else 0.0
+        log(
+            f"OTLP sink: {stats['spans']:,} spans in {stats['requests']:,} export requests "
+            f"({stats['bytes'] / 1024:,.0f} KiB, {stats['malformed']} malformed) for "
+            f"{sent:,} requests to {', '.join(names)}: {per_request:.2f} spans per request; "
+            f"sink CPU {cpu_s:.2f} s since it was ready"
+        )
+        if stats["spans"] == 0 or stats["malformed"]:
+            self.failures.append(
+                f"traces: the OTLP sink received {stats['spans']} spans "
+                f"({stats['malformed']} malformed export requests) from {', '.join(names)}, "
+                "expected spans and no malformed request"
+            )
+        return traces_table(" + ".join(names), sent, stats, cpu_s)
 
     def prepare(self, group: list[Running], body: str) -> None:
         for run in group:

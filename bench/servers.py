@@ -1,9 +1,9 @@
 """Starting what a target needs: the origin, the issuer and tokens, Redis and sessions,
-and each proxy.
+the OTLP trace sink, and each proxy.
 
 :class:`Lab` owns the run's temp dir and every process in it (through ``Processes``).
-The origin, the issuer and Redis live for the whole benchmark; proxies are started per
-group of runs (:meth:`Lab.start`) so each group's peak RSS is its own.
+The origin, the issuer, Redis and the trace sink live for the whole benchmark; proxies are
+started per group of runs (:meth:`Lab.start`) so each group's peak RSS is its own.
 :meth:`Lab.client_args` says what wrk sends to a target: nothing, one token (a JWT or an
 opaque one), a new token every request, a DPoP-bound token with a new proof every request
 (signed for that run just before it), or a new session cookie every request.
@@ -34,6 +34,7 @@ from procs import (
     free_port,
     http_get,
     listening_sockets,
+    tree_cpu_s,
     wait_for_redis,
     wait_until_ready,
 )
@@ -80,6 +81,9 @@ class Lab:
         self.cold_tokens_file = tmp / "tokens.txt"
         self.cold_first = ""
         self.redis_url: str | None = None
+        self.otlp_url: str | None = None  # the trace sink (otlp_sink.py)
+        self.otlp_proc: Proc | None = None
+        self._otlp_cpu_at_start = 0.0
         self.cookies_file = tmp / "cookies.txt"
         self.first_cookie = ""
         # Next line of each client's file, carried across runs (bearer-cold: tokens stay new).
@@ -132,6 +136,30 @@ class Lab:
         proc = self.procs.start("redis", argv)
         wait_for_redis(proc, port)
         self.redis_url = f"redis://{LOOPBACK}:{port}/0"
+
+    def start_otlp_sink(self) -> None:
+        """The OTLP/HTTP sink that ``tracing: sdk`` targets export their spans to."""
+        port = free_port()
+        self.otlp_url = f"http://{LOOPBACK}:{port}"
+        argv = [sys.executable, str(BENCH_DIR / "otlp_sink.py"), "--port", str(port)]
+        proc = self.otlp_proc = self.procs.start("otlp-sink", argv)
+        wait_until_ready(proc, f"{self.otlp_url}/__stats")
+        self._otlp_cpu_at_start = tree_cpu_s(proc.pid)
+
+    def otlp_cpu_s(self) -> float:
+        """CPU the sink has used since it was ready (its imports left out): receiving and
+        counting spans, on the same cores, counted in no target's CPU µs/req."""
+        assert self.otlp_proc is not None
+        return tree_cpu_s(self.otlp_proc.pid) - self._otlp_cpu_at_start
+
+    def otlp_stats(self) -> dict[str, int]:
+        """What the sink has received: export requests, spans, bytes, malformed requests."""
+        assert self.otlp_url is not None
+        status, body = http_get(f"{self.otlp_url}/__stats")
+        if status != 200:
+            raise BenchError(f"OTLP sink /__stats answered {status}")
+        stats: dict[str, int] = json.loads(body)
+        return stats
 
     @property
     def session_settings(self) -> SessionSettings:
@@ -229,11 +257,14 @@ class Lab:
             workers=target.workers,
             access_log=self.access_log,
             token_cache_size=TOKEN_CACHE_SIZE,
+            tracing=target.tracing,
+            otlp_url=self.otlp_url if "otlp" in target.needs else None,
         )
         config_path = self.tmp / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        # The bench's config is the whole truth: no TOKENGATE_* from the caller's shell.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+        # The bench's config is the whole truth: no TOKENGATE_* from the caller's shell, and
+        # no OTEL_* (the SDK reads them: service name, headers, compression, endpoints).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENGATE_", "OTEL_"))}
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(config_path)]
         proc = self.procs.start(name, argv, env=env)
         return Running(target, url, proc, admin_port), f"http://{LOOPBACK}:{admin_port}/readyz"

@@ -14,6 +14,12 @@ the driver; :func:`session_settings` is the one ``session:`` section both tokeng
 driver's seeding (``seed.py``, through gateway's own store) read, so the keys, the cookie
 and the timeouts agree. ``tg-refresh-storm`` is no wrk target (``wrk=False``): ``run.py``
 runs it as its own section (``storm.py``).
+
+Traces (``tracing=``): ``default`` is tokengate's own (W3C trace context propagated, no
+SDK), ``off`` is ``tracing.propagate: false`` (no trace ids at all), ``sdk`` records every
+span (``sample_ratio: 1.0``) and exports it over OTLP/HTTP to the bench's sink
+(``otlp_sink.py``, the ``otlp`` fixture). ``tg-bearer-trace-off``, ``tg-bearer-warm`` and
+``tg-bearer-trace-sdk`` are the same request to the same route under the three settings.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ Kind = Literal["origin", "nginx", "floor", "tokengate"]
 Client = Literal[
     "plain", "bearer-warm", "bearer-cold", "introspect-warm", "dpop", "session", "refresh-storm"
 ]
+# Traces: tokengate's default (propagation only), none at all, or every span exported.
+Tracing = Literal["default", "off", "sdk"]
 # Introspection answers kept this long (tokengate's maximum): one call per instance, the
 # whole run a cache hit. The issuer's answers say exp = an hour after the call.
 INTROSPECTION_CACHE_TTL_S = 3600
@@ -39,7 +47,9 @@ class Target:
     client: Client = "plain"
     path: str = ""  # prefix before /<body> on this server
     workers: int = 1
-    needs: frozenset[str] = field(default_factory=frozenset)  # fixtures: "issuer", "redis"
+    # fixtures: "issuer", "redis", "otlp" (the trace sink)
+    needs: frozenset[str] = field(default_factory=frozenset)
+    tracing: Tracing = "default"  # tokengate only
     # The floor sent this target's request: the same-request ratio's reference.
     floor: str = "floor"
     ready: bool = True  # False: listed, skipped with ``note``
@@ -73,6 +83,31 @@ TARGETS: tuple[Target, ...] = (
         needs=ISSUER,
         floor="floor-bearer",
         note="one valid RS256 token, verified-token cache hit",
+    ),
+    Target(
+        "tg-bearer-trace-off",
+        "tokengate",
+        "bearer-warm",
+        "/bearer",
+        needs=ISSUER,
+        floor="floor-bearer",
+        tracing="off",
+        note="tg-bearer-warm with tracing off (tracing.propagate: false): no trace ids, no "
+        "traceparent upstream, none in the access line; tg-bearer-warm / this = what "
+        "propagation costs",
+    ),
+    Target(
+        "tg-bearer-trace-sdk",
+        "tokengate",
+        "bearer-warm",
+        "/bearer",
+        needs=ISSUER | {"otlp"},
+        floor="floor-bearer",
+        tracing="sdk",
+        note="tg-bearer-warm with the OpenTelemetry SDK recording every request (sample_ratio "
+        "1.0: a server and a client span each) and exporting them over OTLP/HTTP in batches "
+        "to the bench's sink (answers at once, counts them); this / tg-bearer-warm (its x "
+        "bearer) = what recording and exporting every span costs",
     ),
     Target(
         "tg-bearer-cold",
@@ -151,6 +186,8 @@ THROUGHPUT = (
     "floor-bearer",
     "tg-none",
     "tg-bearer-warm",
+    "tg-bearer-trace-off",
+    "tg-bearer-trace-sdk",
     "tg-bearer-cold",
     "floor-introspect",
     "tg-introspect-warm",
@@ -190,6 +227,8 @@ def tokengate_config(
     workers: int,
     access_log: bool,
     token_cache_size: int,
+    tracing: Tracing = "default",
+    otlp_url: str | None = None,
 ) -> dict[str, Any]:
     """A tokengate configuration for one benchmark instance (loopback only).
 
@@ -198,7 +237,8 @@ def tokengate_config(
     (``require_dpop``, proofs remembered in memory); with ``redis_url`` as well, a
     ``/session/`` route and the session, client and CSRF settings it needs (refresh:
     oauth2 at the issuer's ``token_endpoint`` from discovery, tokengate's default
-    timeouts)."""
+    timeouts). ``tracing``: ``off`` sets ``propagate: false``; ``sdk`` exports every span
+    to ``otlp_url`` (the bench's sink) over OTLP/HTTP; ``default`` sets nothing."""
     routes: list[dict[str, Any]] = [
         {"prefix": "/none/", "upstream": origin_url, "auth": "none", "strip_prefix": True},
     ]
@@ -211,6 +251,16 @@ def tokengate_config(
         "log": {"access_log": access_log, "format": "json"},
         "routes": routes,
     }
+    if tracing == "off":
+        config["tracing"] = {"propagate": False}
+    elif tracing == "sdk":
+        if otlp_url is None:
+            raise ValueError("tracing sdk needs the OTLP sink's URL")
+        config["tracing"] = {
+            "exporter": "otlp_http",
+            "endpoint": f"{otlp_url}/v1/traces",
+            "sample_ratio": 1.0,
+        }
     if issuer_url is not None:
         config["oidc"] = {
             "issuer": issuer_url,

@@ -1,7 +1,8 @@
 """The benchmark harness (bench/run.py --smoke) starts every target and each answers 200s;
 its small refresh storm gets every request answered 200 with one refresh grant; the
 introspection target's opaque token is introspected once (then cache hits), and the DPoP
-target's proofs are signed for its run."""
+target's proofs are signed for its run; the three tracing rows run with tracing off, the
+default (propagation) and the SDK at 100 %, whose spans reach the bench's OTLP sink."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from gateway.settings import parse_settings
 
 # nginx, wrk and redis-server come from Debian; `make test` installs them
 # (scripts/ensure-system-deps.sh), so a missing one fails here rather than skipping.
@@ -22,19 +26,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STORM = "tg-refresh-storm"
 INTROSPECT = "tg-introspect-warm"
 DPOP = "tg-dpop"
+TRACE_OFF, TRACE_DEFAULT, TRACE_SDK = "tg-bearer-trace-off", "tg-bearer-warm", "tg-bearer-trace-sdk"
 TIMEOUT_S = 90
 
 
-def throughput_targets() -> tuple[str, ...]:
-    """The harness's own list (bench/targets.py), so a target added there is checked here.
-    bench/ is on sys.path only for the import: it holds a ``profile.py``."""
+def bench_targets() -> Any:
+    """bench/targets.py, the harness's own table. bench/ is on sys.path only for the
+    import: it holds a ``profile.py``."""
     bench = str(REPO_ROOT / "bench")
     sys.path.insert(0, bench)
     try:
-        targets = importlib.import_module("targets")
+        return importlib.import_module("targets")
     finally:
         sys.path.remove(bench)
-    names: tuple[str, ...] = targets.THROUGHPUT
+
+
+def throughput_targets() -> tuple[str, ...]:
+    """The harness's own list, so a target added there is checked here."""
+    names: tuple[str, ...] = bench_targets().THROUGHPUT
     return names
 
 
@@ -110,3 +119,68 @@ def test_smoke_run_introspects_once_and_signs_proofs_per_run(
     requests = table_rows(stdout)[DPOP]
     assert float(requests[2].replace(",", "")) > 0
     assert requests[-1] == "0"
+
+
+def test_tracing_targets_configure_tokengate_as_named() -> None:
+    targets = bench_targets()
+    sink = "http://127.0.0.1:4318"
+
+    def tracing_of(name: str) -> Any:
+        target = targets.BY_NAME[name]
+        config = targets.tokengate_config(
+            port=8080,
+            admin_port=8081,
+            origin_url="http://127.0.0.1:8082",
+            issuer_url="http://127.0.0.1:8083",
+            redis_url=None,
+            workers=1,
+            access_log=True,
+            token_cache_size=1024,
+            tracing=target.tracing,
+            otlp_url=sink if "otlp" in target.needs else None,
+        )
+        assert parse_settings(config).routes, name  # tokengate takes the config
+        return config.get("tracing")
+
+    assert {TRACE_OFF, TRACE_SDK} <= set(throughput_targets())
+    assert {TRACE_OFF, TRACE_SDK} <= set(targets.LATENCY)
+    assert tracing_of(TRACE_OFF) == {"propagate": False}
+    assert tracing_of(TRACE_DEFAULT) is None  # tokengate's default: propagation only
+    assert tracing_of(TRACE_SDK) == {
+        "exporter": "otlp_http",
+        "endpoint": f"{sink}/v1/traces",
+        "sample_ratio": 1.0,
+    }
+    # The same request to the same route: only tracing differs.
+    for name in (TRACE_OFF, TRACE_SDK):
+        target = targets.BY_NAME[name]
+        default = targets.BY_NAME[TRACE_DEFAULT]
+        assert (target.client, target.path, target.floor) == (
+            default.client,
+            default.path,
+            default.floor,
+        )
+
+
+def test_smoke_run_exports_every_span_of_the_sdk_target(smoke: tuple[int, str, str]) -> None:
+    code, stdout, stderr = smoke
+
+    assert code == 0, f"exit {code}\nstderr:\n{stderr[-3000:]}"
+    rows = table_rows(stdout)
+    for name in (TRACE_OFF, TRACE_DEFAULT, TRACE_SDK):
+        assert float(rows[name][2].replace(",", "")) > 0, rows[name]
+        assert rows[name][-1] == "0", rows[name]
+    # The driver reads the sink after the instance stopped (and flushed): a server and a
+    # client span per request counted by wrk, and a few more: the requests in flight when
+    # wrk stopped (up to its 8 connections), the probe, tokengate's discovery/JWKS fetches.
+    sink = re.search(
+        rf"^OTLP sink: ([\d,]+) spans in ([\d,]+) export requests .* for ([\d,]+) "
+        rf"requests to {TRACE_SDK}: ([\d.]+) spans per request",
+        stderr,
+        re.M,
+    )
+    assert sink is not None, stderr[-3000:]
+    spans, exports, requests = (int(g.replace(",", "")) for g in sink.groups()[:3])
+    assert requests > 0, sink.group(0)
+    assert exports > 0, sink.group(0)
+    assert 2 * requests <= spans <= 2 * requests + 60, sink.group(0)
