@@ -159,6 +159,11 @@ class Introspector:
     async def introspect(self, token: str) -> dict[str, Any]:
         """The claims of an active token, checked; else ``InvalidTokenError`` (401) or
         ``IntrospectionUnavailableError`` (503)."""
+        return (await self.introspect_until(token))[0]
+
+    async def introspect_until(self, token: str) -> tuple[dict[str, Any], float]:
+        """``introspect``'s claims, and until when this answer is served without asking
+        again (0 when it is not kept): a caller may keep what it made of them that long."""
         if not token:
             raise jws.invalid("malformed", "the token is malformed")
         key = token_digest(token)
@@ -168,7 +173,7 @@ class Introspector:
             if now < entry.fresh_until:
                 self._cache.move_to_end(key)
                 self._reads["hit"].inc()
-                return entry.answer.result()
+                return entry.answer.result(), entry.fresh_until
             # Past its TTL: kept only while it may still be served stale (the flight
             # looks for it when the endpoint fails).
             if now >= entry.usable_until:
@@ -177,7 +182,14 @@ class Introspector:
         self._reads[source].inc()
         if answer is None:
             raise IntrospectionUnavailableError()
-        return answer.result()
+        claims = answer.result()
+        kept = self._cache.get(key)
+        fresh = kept is not None and kept.answer is answer and source != "stale"
+        return claims, kept.fresh_until if fresh and kept is not None else 0.0
+
+    def count_hit(self) -> None:
+        """An answer of ours served from a caller's keeping (``introspect_until``)."""
+        self._reads["hit"].inc()
 
     async def aclose(self) -> None:
         await self._flights.aclose()

@@ -78,6 +78,8 @@ class Provider:
             )
             self.validator = TokenValidator(settings, self.jwks, metrics, clock, name=self.name)
         self.introspector: Introspector | None = None
+        # Introspected tokens' principals, by token, until their answer stops being fresh.
+        self._principals: dict[str, tuple[Principal, float]] = {}
         if settings.introspection is not None:
             introspection_shared = shared if settings.introspection.shared_cache else None
             self.introspector = Introspector(
@@ -119,14 +121,29 @@ class Provider:
         return principal
 
     async def _introspected(self, token: str) -> Principal:
-        assert self.introspector is not None  # the settings require one where it is used
-        claims = await self.introspector.introspect(token)
+        introspector = self.introspector
+        assert introspector is not None  # the settings require one where it is used
+        kept = self._principals.get(token)
+        now = self._clock()
+        if kept is not None:
+            if now < kept[1]:
+                # The answer is fresh: its principal too (no digest, no claims copied).
+                introspector.count_hit()
+                return kept[0]
+            del self._principals[token]
+        claims, fresh_until = await introspector.introspect_until(token)
+        settings = self.settings.introspection
+        assert settings is not None
         expires_at = None
         if "exp" not in claims:
             # RFC 7662 makes exp optional: such a token stands as long as its answer is kept.
-            assert self.settings.introspection is not None
-            expires_at = self._clock() + self.settings.introspection.cache_ttl_s
-        return principal_from_claims(claims, token, provider=self.name, expires_at=expires_at)
+            expires_at = now + settings.cache_ttl_s
+        principal = principal_from_claims(claims, token, provider=self.name, expires_at=expires_at)
+        if fresh_until > now and settings.cache_size:
+            self._principals[token] = (principal, fresh_until)
+            if len(self._principals) > settings.cache_size:
+                del self._principals[next(iter(self._principals))]
+        return principal
 
 
 class TokenProviders:
