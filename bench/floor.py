@@ -1,10 +1,18 @@
-"""The floor: the least an aiohttp reverse proxy does (uvloop, one pooled session, streaming).
+"""The floor: the least a reverse proxy on aiohttp's server does (uvloop, one pooled
+upstream client, the body streamed back, hop-by-hop headers dropped).
 
-``python bench/floor.py --port N --upstream http://127.0.0.1:M``. No auth, no metrics, no
-logs; tokengate cannot be faster than this on the same stack.
+``python bench/floor.py --port N --upstream http://127.0.0.1:M [--client aiohttp|http1]``.
+No auth, no metrics, no logs. ``--client`` is the upstream client: ``aiohttp`` (the
+default, aiohttp's ``ClientSession``: the ``floor`` row) or ``http1`` (tokengate's own
+``gateway.http1.Http1Pool``, raw header bytes through: the ``floor-http1`` row). tokengate
+cannot be faster than the floor on its own client and server.
 """
 
+from __future__ import annotations
+
 import argparse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -24,43 +32,115 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+# Request headers the http1 floor drops: a Content-Length stays, so a body streams as is.
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP - {"content-length"})
+
+
+def build_aiohttp_proxy(upstream: str) -> web.Application:
+    """The floor on aiohttp's ``ClientSession`` (``upstream``: ``http://host:port``)."""
+    session_key = web.AppKey("session", aiohttp.ClientSession)
+
+    async def client(app: web.Application) -> AsyncIterator[None]:
+        app[session_key] = aiohttp.ClientSession(
+            upstream, connector=aiohttp.TCPConnector(limit=1024), auto_decompress=False
+        )
+        yield
+        await app[session_key].close()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        body = request.content if request.body_exists else None
+        async with request.app[session_key].request(
+            request.method, request.raw_path, headers=headers, data=body, allow_redirects=False
+        ) as upstream_response:
+            response = web.StreamResponse(
+                status=upstream_response.status, reason=upstream_response.reason
+            )
+            response.headers.extend(
+                (k, v) for k, v in upstream_response.headers.items() if k.lower() not in HOP_BY_HOP
+            )
+            response.content_length = upstream_response.content_length
+            await response.prepare(request)
+            async for chunk in upstream_response.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    return _app(client, handle)
+
+
+def build_http1_proxy(upstream: str) -> web.Application:
+    """The floor on tokengate's ``Http1Pool`` (imported here: the aiohttp floor's process
+    does not load ``gateway``)."""
+    from gateway.http1 import Http1Pool
+
+    parts = urlsplit(upstream)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    pool_key = web.AppKey("pool", Http1Pool)
+
+    async def client(app: web.Application) -> AsyncIterator[None]:
+        app[pool_key] = Http1Pool(limit_per_host=1024)
+        yield
+        await app[pool_key].aclose()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in HOP_BY_HOP_BYTES]
+        body = request.content.iter_any() if request.body_exists else None
+        upstream_response = await request.app[pool_key].request(
+            request.method,
+            host,
+            port,
+            request.raw_path.encode("utf-8", "surrogateescape"),
+            headers,
+            body,
+            connect_timeout_s=5.0,
+            read_timeout_s=30.0,
+        )
+        async with upstream_response:
+            response = web.StreamResponse(
+                status=upstream_response.status, reason=upstream_response.reason
+            )
+            response.headers.extend(
+                (k, v) for k, v in upstream_response.headers if k.lower() not in HOP_BY_HOP
+            )
+            response.content_length = upstream_response.content_length
+            await response.prepare(request)
+            async for chunk in upstream_response.iter_chunks():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    return _app(client, handle)
+
+
+def _app(
+    client: Callable[[web.Application], AsyncIterator[None]],
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.Application:
+    app = web.Application()
+    app.cleanup_ctx.append(client)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+BUILDERS: dict[str, Callable[[str], web.Application]] = {
+    "aiohttp": build_aiohttp_proxy,
+    "http1": build_http1_proxy,
+}
+CLIENTS = tuple(BUILDERS)
+
+
+def serve(client: str, port: int, upstream: str) -> None:
+    serve_on_loopback(BUILDERS[client](upstream), port)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--upstream", required=True, help="http://host:port")
+    parser.add_argument("--client", choices=CLIENTS, default="aiohttp")
     args = parser.parse_args()
-
-    async def client(app: web.Application):  # type: ignore[no-untyped-def]
-        app[SESSION] = aiohttp.ClientSession(
-            args.upstream, connector=aiohttp.TCPConnector(limit=1024), auto_decompress=False
-        )
-        yield
-        await app[SESSION].close()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        body = request.content if request.body_exists else None
-        async with request.app[SESSION].request(
-            request.method, request.raw_path, headers=headers, data=body, allow_redirects=False
-        ) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(
-                (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-            )
-            response.content_length = upstream.content_length
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    app = web.Application()
-    app.cleanup_ctx.append(client)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    serve_on_loopback(app, args.port)
+    serve(args.client, args.port, args.upstream)
 
 
 if __name__ == "__main__":

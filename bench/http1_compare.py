@@ -4,7 +4,8 @@
     python bench/http1_compare.py --rounds 5 --bodies 200b
     python bench/http1_compare.py serve --client http1 --port N --upstream-port M
 
-Both proxies are the floor (``floor.py``): uvloop, one pooled client, the body streamed
+Both proxies are the floor (``floor.py``, ``--client aiohttp`` and ``--client http1``; the
+bench's ``floor`` and ``floor-http1`` rows): uvloop, one pooled client, the body streamed
 back, hop-by-hop headers dropped; only the client differs. Behind them is the bench's nginx
 origin; wrk (-t2 -c64) loads them in interleaved rounds. Reports req/s, CPU µs/req of each
 proxy process and the ratio http1/aiohttp within each round (medians over rounds).
@@ -21,109 +22,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from aiohttp import web
-from procs import serve_on_loopback
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP - {"content-length"})
-CLIENTS = ("aiohttp", "http1")
-
-
-def build_aiohttp_proxy(upstream_port: int) -> web.Application:
-    import aiohttp
-
-    session_key = web.AppKey("session", aiohttp.ClientSession)
-
-    async def client(app: web.Application):  # type: ignore[no-untyped-def]
-        app[session_key] = aiohttp.ClientSession(
-            f"http://127.0.0.1:{upstream_port}",
-            connector=aiohttp.TCPConnector(limit=1024),
-            auto_decompress=False,
-        )
-        yield
-        await app[session_key].close()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        body = request.content if request.body_exists else None
-        async with request.app[session_key].request(
-            request.method, request.raw_path, headers=headers, data=body, allow_redirects=False
-        ) as upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(
-                (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-            )
-            response.content_length = upstream.content_length
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    app = web.Application()
-    app.cleanup_ctx.append(client)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
-def build_http1_proxy(upstream_port: int) -> web.Application:
-    from gateway.http1 import Http1Pool
-
-    pool_key = web.AppKey("pool", Http1Pool)
-
-    async def client(app: web.Application):  # type: ignore[no-untyped-def]
-        app[pool_key] = Http1Pool(limit_per_host=1024)
-        yield
-        await app[pool_key].aclose()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        # Raw header bytes straight through; a Content-Length stays, so a body streams as is.
-        headers = [(k, v) for k, v in request.raw_headers if k.lower() not in HOP_BY_HOP_BYTES]
-        body = request.content.iter_any() if request.body_exists else None
-        upstream = await request.app[pool_key].request(
-            request.method,
-            "127.0.0.1",
-            upstream_port,
-            request.raw_path.encode("utf-8", "surrogateescape"),
-            headers,
-            body,
-            connect_timeout_s=5.0,
-            read_timeout_s=30.0,
-        )
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(
-                (k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP
-            )
-            response.content_length = upstream.content_length
-            await response.prepare(request)
-            async for chunk in upstream.iter_chunks():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    app = web.Application()
-    app.cleanup_ctx.append(client)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+from floor import CLIENTS
+from floor import serve as serve_floor
 
 
 def serve(client: str, port: int, upstream_port: int) -> None:
-    build = build_http1_proxy if client == "http1" else build_aiohttp_proxy
-    serve_on_loopback(build(upstream_port), port)
+    serve_floor(client, port, f"http://127.0.0.1:{upstream_port}")
 
 
 # -- the driver ----------------------------------------------------------------------------

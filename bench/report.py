@@ -1,9 +1,9 @@
 """Turning runs into tables: medians over rounds, ratios taken within each round.
 
 Every number in a table is the median over rounds. A ratio (``x nginx``, ``x floor``,
-``x floor, same request``, ``x bearer``, added latency) is computed in each round against
-the reference measured in that same round, then the median of those is taken, so slow
-drift of the machine cancels out.
+``x floor-http1``, ``x floor, same request``, ``x bearer``, added latency) is computed in
+each round against the reference measured in that same round, then the median of those is
+taken, so slow drift of the machine cancels out.
 Tables are Markdown; :func:`render` makes the report printed and written to RESULTS.md.
 """
 
@@ -79,6 +79,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 # The reference of the session target (issue: session >= 0.85x bearer, cache warm).
 BEARER = "tg-bearer-warm"
+# The floor on tokengate's own upstream client (gateway.http1): every row is also given
+# against it, in throughput (x floor-http1) and latency (+p50 ms vs floor-http1).
+FLOOR_HTTP1 = "floor-http1"
 
 
 def rps_ratio(run: Run, ref: Run) -> float:
@@ -96,6 +99,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
         "peak RSS MiB",
         "x nginx",
         "x floor",
+        f"x {FLOOR_HTTP1}",
         "x floor, same request",
         "x bearer",
         "errors",
@@ -115,6 +119,7 @@ def throughput_table(by_body: dict[str, Runs], peak_rss_kib: dict[tuple[str, str
                     fmt(rss / 1024 if rss else None, 1),
                     fmt(per_round(runs, target, "nginx", rps_ratio)),
                     fmt(per_round(runs, target, "floor", rps_ratio)),
+                    fmt(per_round(runs, target, FLOOR_HTTP1, rps_ratio)),
                     fmt(per_round(runs, target, BY_NAME[target].floor, rps_ratio)),
                     fmt(per_round(runs, target, BEARER, rps_ratio) if target != BEARER else None),
                     str(sum(r.wrk.errors for r in target_runs)),
@@ -153,6 +158,14 @@ def traces_table(target: str, requests: int, sink: dict[str, int], sink_cpu_s: f
     return table(header, [row])
 
 
+def p50_added(run: Run, ref: Run) -> float:
+    return run.wrk.p50_ms - ref.wrk.p50_ms
+
+
+def p99_added(run: Run, ref: Run) -> float:
+    return run.wrk.p99_ms - ref.wrk.p99_ms
+
+
 def latency_table(runs: Runs, body: str, baseline: str = "origin") -> str:
     header = [
         "body",
@@ -161,6 +174,7 @@ def latency_table(runs: Runs, body: str, baseline: str = "origin") -> str:
         "p99 ms",
         f"+p50 ms vs {baseline}",
         f"+p99 ms vs {baseline}",
+        f"+p50 ms vs {FLOOR_HTTP1}",
         "errors",
     ]
     rows = []
@@ -171,8 +185,9 @@ def latency_table(runs: Runs, body: str, baseline: str = "origin") -> str:
                 target,
                 fmt(median([r.wrk.p50_ms for r in target_runs]), 3),
                 fmt(median([r.wrk.p99_ms for r in target_runs]), 3),
-                fmt(per_round(runs, target, baseline, lambda r, b: r.wrk.p50_ms - b.wrk.p50_ms), 3),
-                fmt(per_round(runs, target, baseline, lambda r, b: r.wrk.p99_ms - b.wrk.p99_ms), 3),
+                fmt(per_round(runs, target, baseline, p50_added), 3),
+                fmt(per_round(runs, target, baseline, p99_added), 3),
+                fmt(per_round(runs, target, FLOOR_HTTP1, p50_added), 3),
                 str(sum(r.wrk.errors for r in target_runs)),
             ]
         )

@@ -245,6 +245,8 @@ class Lab:
                 str(port),
                 "--upstream",
                 f"http://{LOOPBACK}:{self.origin_port}",
+                "--client",
+                target.floor_client,
             ]
             return Running(target, url, self.procs.start(name, argv)), f"{url}/200b"
         admin_port = free_port()

@@ -15,6 +15,9 @@ driver's seeding (``seed.py``, through gateway's own store) read, so the keys, t
 and the timeouts agree. ``tg-refresh-storm`` is no wrk target (``wrk=False``): ``run.py``
 runs it as its own section (``storm.py``).
 
+``floor-http1`` is ``floor`` on tokengate's upstream client (``floor_client="http1"``,
+``floor.py --client http1``): every row is also reported against it (**x floor-http1**).
+
 Traces (``tracing=``): ``default`` is tokengate's own (W3C trace context propagated, no
 SDK), ``off`` is ``tracing.propagate: false`` (no trace ids at all), ``sdk`` records every
 span (``sample_ratio: 1.0``) and exports it over OTLP/HTTP to the bench's sink
@@ -33,6 +36,8 @@ Kind = Literal["origin", "nginx", "floor", "tokengate"]
 Client = Literal[
     "plain", "bearer-warm", "bearer-cold", "introspect-warm", "dpop", "session", "refresh-storm"
 ]
+# The floor's upstream client (floor.py --client): aiohttp's, or tokengate's gateway.http1.
+FloorClient = Literal["aiohttp", "http1"]
 # Traces: tokengate's default (propagation only), none at all, or every span exported.
 Tracing = Literal["default", "off", "sdk"]
 # Introspection answers kept this long (tokengate's maximum): one call per instance, the
@@ -50,6 +55,7 @@ class Target:
     # fixtures: "issuer", "redis", "otlp" (the trace sink)
     needs: frozenset[str] = field(default_factory=frozenset)
     tracing: Tracing = "default"  # tokengate only
+    floor_client: FloorClient = "aiohttp"  # floor only: floor.py --client
     # The floor sent this target's request: the same-request ratio's reference.
     floor: str = "floor"
     ready: bool = True  # False: listed, skipped with ``note``
@@ -66,6 +72,14 @@ TARGETS: tuple[Target, ...] = (
     Target("origin", "origin", note="wrk straight to the origin (latency baseline)"),
     Target("nginx", "nginx", note="nginx proxy_pass, 1 worker: the limit"),
     Target("floor", "floor", note="bare aiohttp pass-through: the floor"),
+    Target(
+        "floor-http1",
+        "floor",
+        floor_client="http1",
+        note="the floor's pass-through with tokengate's own upstream client (gateway.http1's "
+        "Http1Pool, raw header bytes through) instead of aiohttp's: the floor on tokengate's "
+        "client and server; every row is also given as x floor-http1",
+    ),
     Target(
         "floor-bearer",
         "floor",
@@ -183,6 +197,7 @@ BY_NAME = {t.name: t for t in TARGETS}
 THROUGHPUT = (
     "nginx",
     "floor",
+    "floor-http1",
     "floor-bearer",
     "tg-none",
     "tg-bearer-warm",

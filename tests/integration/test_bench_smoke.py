@@ -2,7 +2,9 @@
 its small refresh storm gets every request answered 200 with one refresh grant; the
 introspection target's opaque token is introspected once (then cache hits), and the DPoP
 target's proofs are signed for its run; the three tracing rows run with tracing off, the
-default (propagation) and the SDK at 100 %, whose spans reach the bench's OTLP sink."""
+default (propagation) and the SDK at 100 %, whose spans reach the bench's OTLP sink; the
+floor on tokengate's own upstream client (floor-http1) runs, and every row is reported
+against it (x floor-http1, +p50 ms vs floor-http1: medians of per-round figures)."""
 
 from __future__ import annotations
 
@@ -27,18 +29,24 @@ STORM = "tg-refresh-storm"
 INTROSPECT = "tg-introspect-warm"
 DPOP = "tg-dpop"
 TRACE_OFF, TRACE_DEFAULT, TRACE_SDK = "tg-bearer-trace-off", "tg-bearer-warm", "tg-bearer-trace-sdk"
+FLOOR_HTTP1 = "floor-http1"
 TIMEOUT_S = 90
 
 
-def bench_targets() -> Any:
-    """bench/targets.py, the harness's own table. bench/ is on sys.path only for the
-    import: it holds a ``profile.py``."""
+def bench_module(name: str) -> Any:
+    """A module of bench/. bench/ is on sys.path only for the import: it holds a
+    ``profile.py``."""
     bench = str(REPO_ROOT / "bench")
     sys.path.insert(0, bench)
     try:
-        return importlib.import_module("targets")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(bench)
+
+
+def bench_targets() -> Any:
+    """bench/targets.py, the harness's own table."""
+    return bench_module("targets")
 
 
 def throughput_targets() -> tuple[str, ...]:
@@ -184,3 +192,51 @@ def test_smoke_run_exports_every_span_of_the_sdk_target(smoke: tuple[int, str, s
     assert requests > 0, sink.group(0)
     assert exports > 0, sink.group(0)
     assert 2 * requests <= spans <= 2 * requests + 60, sink.group(0)
+
+
+def test_smoke_run_reports_every_row_against_floor_http1(smoke: tuple[int, str, str]) -> None:
+    code, stdout, stderr = smoke
+
+    assert code == 0, f"exit {code}\nstderr:\n{stderr[-3000:]}"
+    target = bench_targets().BY_NAME[FLOOR_HTTP1]
+    assert (target.kind, target.client, target.floor_client) == ("floor", "plain", "http1")
+    assert FLOOR_HTTP1 in throughput_targets()
+    assert FLOOR_HTTP1 in bench_targets().LATENCY
+    header = next(
+        line for line in stdout.splitlines() if line.startswith("| body") and "req/s" in line
+    )
+    column = [c.strip() for c in header.strip().strip("|").split("|")].index(f"x {FLOOR_HTTP1}")
+    rows = table_rows(stdout)
+    assert rows[FLOOR_HTTP1][column] == "1.00", rows[FLOOR_HTTP1]
+    for name in throughput_targets():
+        assert float(rows[name][column]) > 0, (name, rows[name])
+
+
+def fake_run(target: str, round_: int, rps: float, p50_ms: float) -> Any:
+    wrk = bench_module("wrk").WrkResult(
+        rps=rps, requests=int(rps), p50_ms=p50_ms, p99_ms=2 * p50_ms, non_2xx=0, socket_errors=0
+    )
+    return bench_module("report").Run(target, round_, wrk, 1.0)
+
+
+def test_floor_http1_columns_are_medians_of_per_round_figures() -> None:
+    report = bench_module("report")
+    runs = {
+        FLOOR_HTTP1: [fake_run(FLOOR_HTTP1, 0, 1000, 0.3), fake_run(FLOOR_HTTP1, 1, 2000, 0.5)],
+        "tg-none": [fake_run("tg-none", 0, 900, 0.4), fake_run("tg-none", 1, 1000, 0.9)],
+    }
+    throughput = report.throughput_table({"200b": runs}, {})
+    latency = report.latency_table(runs, "200b")
+
+    def cell(table: str, column: str, target: str) -> str:
+        lines = table.splitlines()
+        header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+        return table_rows(table)[target][header.index(column)]
+
+    # Per round 0.90 and 0.50: their median, not the ratio of the medians (950 / 1500).
+    assert cell(throughput, f"x {FLOOR_HTTP1}", "tg-none") == "0.70"
+    assert cell(throughput, f"x {FLOOR_HTTP1}", FLOOR_HTTP1) == "1.00"
+    # +0.1 and +0.4 ms per round; the column stands without the origin in the runs.
+    assert cell(latency, f"+p50 ms vs {FLOOR_HTTP1}", "tg-none") == "0.250"
+    assert cell(latency, f"+p50 ms vs {FLOOR_HTTP1}", FLOOR_HTTP1) == "0.000"
+    assert cell(latency, "+p50 ms vs origin", "tg-none") == "-"
