@@ -149,8 +149,7 @@ class AccessLog:
             )
             if ctx.trace is not None:
                 trace = ctx.trace
-                line += f',"trace_id":"{trace.trace_id:032x}","span_id":"{trace.span_id:016x}"'
-
+                line += f',"trace_id":"{trace.trace_id_hex}","span_id":"{trace.span_id_hex}"'
             if ctx.upstream_s is not None:
                 line += f',"upstream_ms":{ctx.upstream_s * 1000:.3f}'
             if subject is not None:
@@ -164,8 +163,7 @@ class AccessLog:
             )
             if ctx.trace is not None:
                 trace = ctx.trace
-                line += f" trace_id={trace.trace_id:032x} span_id={trace.span_id:016x}"
-
+                line += f" trace_id={trace.trace_id_hex} span_id={trace.span_id_hex}"
             if ctx.upstream_s is not None:
                 line += f" upstream_ms={ctx.upstream_s * 1000:.3f}"
             if subject is not None:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -44,24 +44,24 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 @dataclass(slots=True)
 class TraceIds:
-    """A request's place in its trace: the trace, tokengate's span, the flags to pass on."""
+    """A request's place in its trace: the trace, tokengate's span, the flags to pass on.
+    The ids in hex are formatted once, for the upstream's header and the access line."""
 
     trace_id: int
     span_id: int
     sampled: bool
     tracestate: str | None = None  # as received; forwarded as is
+    trace_id_hex: str = field(init=False)
+    span_id_hex: str = field(init=False)
 
-    @property
-    def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
-
-    @property
-    def span_id_hex(self) -> str:
-        return f"{self.span_id:016x}"
+    def __post_init__(self) -> None:
+        self.trace_id_hex = f"{self.trace_id:032x}"
+        self.span_id_hex = f"{self.span_id:016x}"
 
     def traceparent(self, span_id: int | None = None) -> str:
-        flags = "01" if self.sampled else "00"
-        return f"00-{self.trace_id:032x}-{span_id or self.span_id:016x}-{flags}"
+        flags = "-01" if self.sampled else "-00"
+        span = self.span_id_hex if span_id is None else f"{span_id:016x}"
+        return f"00-{self.trace_id_hex}-{span}{flags}"
 
 
 class RequestTrace:

@@ -112,6 +112,7 @@ class Provider:
         return None if self.validator is None else self.validator.cached(token)
 
     async def validate(self, token: str, *, introspect: bool) -> Principal:
+        # A JWS has two dots; anything else is opaque to us (counted in C, no pattern).
         opaque = self.introspector is not None and token.count(".") != 2
         if self.validator is None or opaque:
             return await self._introspected(token)  # every token, or an opaque one
@@ -180,10 +181,10 @@ class TokenProviders:
         introspect = route.introspect_jwts
         if len(accepted) == 1:
             only = accepted[0]
-            # A JWS has two dots; anything else is opaque to us (counted in C, no pattern).
-            if only.validator is not None and (only.introspector is None or token.count(".") == 2):
-                # One JWT provider: its validator looks in its cache first, and refuses
-                # another issuer's token before any key lookup.
+            if only.validator is not None:
+                # One JWT provider: its validator looks in its cache first and refuses
+                # another issuer's token before any key lookup; an opaque token goes to
+                # its introspection, if it has one (``Provider.validate``).
                 return await only.validate(token, introspect=introspect)
         for provider in accepted:
             if provider.cached(token) is not None:

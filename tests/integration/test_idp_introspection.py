@@ -7,11 +7,7 @@ a DPoP key; one call at the IdP for many concurrent introspections of one token.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +16,13 @@ from urllib.parse import quote
 import aiohttp
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import IntrospectionUnavailableError, InvalidTokenError
 from gateway.idp.discovery import Discovery
 from gateway.metrics import Metrics
 from gateway.settings import IntrospectionSettings, ProviderSettings
 from gateway.tokens.introspection import Introspector
+from tests.support.dpop import DpopKey, make_proof
 from tests.support.idp import (
     CLIENT_SECRET,
     DEFAULT_OPAQUE_RESOURCE,
@@ -50,23 +46,6 @@ def idp() -> Iterator[OidcProviderProcess]:
         proc.stop()
 
 
-class DpopKey:
-    """A P-256 key of a DPoP client: its proofs, and its RFC 7638 thumbprint (cnf.jkt)."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
-        required = {name: self.public[name] for name in ("crv", "kty", "x", "y")}
-        canonical = json.dumps(required, separators=(",", ":"), sort_keys=True).encode()
-        digest = hashlib.sha256(canonical).digest()
-        self.thumbprint = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-    def proof(self, url: str) -> str:
-        claims = {"jti": str(uuid.uuid4()), "htm": "POST", "htu": url, "iat": int(time.time())}
-        headers = {"typ": "dpop+jwt", "jwk": self.public}
-        return jwt.encode(claims, self.key, algorithm="ES256", headers=headers)
-
-
 @dataclass
 class Machines:
     """The IdP's discovery document (with its JWKS), a client session, and tokengate's
@@ -76,7 +55,7 @@ class Machines:
     http: aiohttp.ClientSession
     meta: dict[str, Any]
     made: list[Introspector] = field(default_factory=list)
-    dpop: DpopKey = field(default_factory=DpopKey)
+    dpop: DpopKey = field(default_factory=DpopKey.generate)
 
     def introspector(self, client_id: str = "tokengate-rs", **cache: Any) -> Introspector:
         """tokengate's view of the opaque resource: the endpoint found by discovery."""
@@ -104,7 +83,9 @@ class Machines:
             form["resource"] = resource
         headers = basic("tokengate-m2m")
         if dpop:
-            headers["DPoP"] = self.dpop.proof(self.meta["token_endpoint"])
+            headers["DPoP"] = make_proof(
+                self.dpop, method="POST", url=self.meta["token_endpoint"], access_token=None
+            )
         async with self.http.post(self.meta["token_endpoint"], data=form, headers=headers) as resp:
             body: dict[str, Any] = await resp.json()
             assert resp.status == 200, body
