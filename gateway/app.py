@@ -26,11 +26,16 @@ from gateway.http1 import Http1Pool
 from gateway.idp.discovery import Discovery
 from gateway.idp.json_dialect import build_json_dialect
 from gateway.idp.oauth2 import OAuth2Client
-from gateway.ingress import Handler, Ingress, aiohttp_parser_limits, expect_continue
+from gateway.ingress import (
+    Handler,
+    Ingress,
+    aiohttp_parser_limits,
+    expect_continue,
+)
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, parse_path
 from gateway.sessions.authenticator import SessionAuthenticator
 from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
@@ -69,6 +74,8 @@ LOGOUT = web.AppKey("logout", Logout)
 BACKCHANNEL_LOGOUT = web.AppKey("backchannel_logout", BackchannelLogout)
 CAPTURE = web.AppKey("capture", TokenCapture)
 PROXY = web.AppKey("proxy", Proxy)
+# The public app's handler as the server calls it, bypassing aiohttp's router.
+ENTRY: web.AppKey[Handler] = web.AppKey("entry")
 
 
 async def access_log(app: web.Application) -> AsyncIterator[None]:
@@ -309,49 +316,68 @@ async def proxy(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].handle(request)
+class PublicRoutes:
+    """Which handler a public request goes to, by its normalised path (``routing.parse_path``,
+    the one reading of a target the proxy routes by too): ``/auth/`` is ours (the session
+    endpoints; a wrong method there is 405, an unknown path 404, never a route's), every
+    other path is ``proxy``'s. One handler behind the ingress instead of aiohttp's router:
+    resolving a route in aiohttp costs more than this, and the proxy needs the path parsed
+    anyway. Handlers are looked up in ``app`` when called: they are made at startup."""
 
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        self._app = app
+        self._sessions = settings.uses_sessions
+        self._auth: dict[str, dict[str, Handler]] = {}
+        if self._sessions:
+            self._add_auth_routes(settings.uses_oidc_login)
 
-def add_auth_routes(
-    app: web.Application, wrap: Callable[[Handler], Handler], *, oidc_login: bool
-) -> None:
-    async def login(request: web.Request) -> web.StreamResponse:
-        return await request.app[LOGIN].login(request)
+    def _add_auth_routes(self, oidc_login: bool) -> None:
+        app = self._app
 
-    async def callback(request: web.Request) -> web.StreamResponse:
-        return await request.app[LOGIN].callback(request)
+        async def login(request: web.Request) -> web.StreamResponse:
+            return await app[LOGIN].login(request)
 
-    async def session_info(request: web.Request) -> web.StreamResponse:
-        return await request.app[SESSION_INFO].session_info(request)
+        async def callback(request: web.Request) -> web.StreamResponse:
+            return await app[LOGIN].callback(request)
 
-    async def logout(request: web.Request) -> web.StreamResponse:
-        return await request.app[LOGOUT].logout(request)
+        async def session_info(request: web.Request) -> web.StreamResponse:
+            return await app[SESSION_INFO].session_info(request)
 
-    async def backchannel_logout(request: web.Request) -> web.StreamResponse:
-        return await request.app[BACKCHANNEL_LOGOUT].backchannel_logout(request)
+        async def logout(request: web.Request) -> web.StreamResponse:
+            return await app[LOGOUT].logout(request)
 
-    expect = expect_continue
-    app.router.add_get("/auth/session", wrap(session_info), expect_handler=expect)
-    app.router.add_post("/auth/logout", wrap(logout), expect_handler=expect)
-    if oidc_login:  # capture-only deployments log in through their capture route
-        app.router.add_get("/auth/login", wrap(login), expect_handler=expect)
-        app.router.add_get("/auth/callback", wrap(callback), expect_handler=expect)
-        app.router.add_post(
-            "/auth/backchannel-logout", wrap(backchannel_logout), expect_handler=expect
-        )
+        async def backchannel_logout(request: web.Request) -> web.StreamResponse:
+            return await app[BACKCHANNEL_LOGOUT].backchannel_logout(request)
+
+        get = ("GET", "HEAD")  # as aiohttp's add_get
+        self._add("/auth/session", get, session_info)
+        self._add("/auth/logout", ("POST",), logout)
+        if oidc_login:  # capture-only deployments log in through their capture route
+            self._add("/auth/login", get, login)
+            self._add("/auth/callback", get, callback)
+            self._add("/auth/backchannel-logout", ("POST",), backchannel_logout)
+
+    def _add(self, path: str, methods: tuple[str, ...], handler: Handler) -> None:
+        self._auth[path] = dict.fromkeys(methods, handler)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        path = parse_path(request.raw_path.partition("?")[0])
+        if not path.startswith("/auth/"):
+            return await self._app[PROXY].handle(request, path)
+        handlers = self._auth.get(path)
+        if handlers is not None:
+            handler = handlers.get(request.method)
+            if handler is not None:
+                return await handler(request)
+            raise MethodNotAllowedError()
+        if path in _AUTH_PATHS and self._sessions:
+            raise MethodNotAllowedError()  # an endpoint this deployment does not serve
+        raise NotFoundError()
 
 
 _AUTH_PATHS = frozenset(
     {"/auth/login", "/auth/callback", "/auth/session", "/auth/logout", "/auth/backchannel-logout"}
 )
-
-
-async def reserved_auth_path(request: web.Request) -> web.StreamResponse:
-    """/auth/ is ours: a wrong method or an unknown path never falls through to a route."""
-    if request.path in _AUTH_PATHS and request.app[SETTINGS].uses_sessions:
-        raise MethodNotAllowedError()
-    raise NotFoundError()
 
 
 def build_app(
@@ -378,19 +404,14 @@ def build_app(
     app.cleanup_ctx.extend(
         (access_log, traces, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
     )
-    # Every handler behind the ingress; the last route matches every path and method, so
-    # aiohttp's router never answers by itself (no 404 or 405 of its own).
-    if settings.uses_sessions:
-        add_auth_routes(app, ingress.wrap, oidc_login=settings.uses_oidc_login)
-    app.router.add_route(
-        "*",
-        r"/auth/{tail:[\s\S]*}",
-        ingress.wrap(reserved_auth_path),
-        expect_handler=expect_continue,
-    )
+    # One handler behind the ingress for every request. It is the only route, matching
+    # every target, so aiohttp's router never answers by itself (no 404 or 405 of its own);
+    # the server calls it directly (``ENTRY``), without the router.
+    routes = PublicRoutes(app, settings)
+    app[ENTRY] = ingress.wrap(routes, expect=True)
     every_target = AnyTarget()
     app.router.register_resource(every_target)
-    every_target.add_route("*", ingress.wrap(handle), expect_handler=expect_continue)
+    every_target.add_route("*", ingress.wrap(routes), expect_handler=expect_continue)
     return app
 
 

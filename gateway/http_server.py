@@ -422,9 +422,11 @@ _ROUTER_ERRORS: dict[int, type[GatewayError]] = {
 
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` serving its app through a ``GatewayServer``; refused heads,
-    timeouts and connections are counted in ``metrics`` when given."""
+    timeouts and connections are counted in ``metrics`` when given. ``entry``, when given,
+    is the handler every request goes to in place of the app's router (the public app's,
+    ``app.ENTRY``); its app's startup and cleanup still run."""
 
-    __slots__ = ("_limits", "_max_connections", "_metrics")
+    __slots__ = ("_entry", "_limits", "_max_connections", "_metrics")
 
     def __init__(
         self,
@@ -433,9 +435,11 @@ class GatewayRunner(web.AppRunner):
         limits: LimitsSettings,
         max_connections: int | None = None,
         metrics: Metrics | None = None,
+        entry: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
+        self._entry = entry
         self._limits = limits
         self._max_connections = max_connections
         self._metrics = metrics
@@ -444,8 +448,15 @@ class GatewayRunner(web.AppRunner):
         # AppRunner starts the app and builds aiohttp's server for it, with the runner's
         # arguments and the app's handler_args merged; ours takes all of them over.
         server = await super()._make_server()
+        # ``entry``: the app's one handler, called without aiohttp's router.
+        # The app's request factory makes every request a ``web.Request``.
+        handler = (
+            _answering_as_ours(server.request_handler)
+            if self._entry is None
+            else cast(_Handler, self._entry)
+        )
         return GatewayServer(
-            _answering_as_ours(server.request_handler),
+            handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             limits=self._limits,

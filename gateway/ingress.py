@@ -127,42 +127,47 @@ class Ingress:
         if total > limits.max_headers_total_bytes:
             raise HeadersTooLargeError("the header section is too large")
 
-    def wrap(self, handler: Handler) -> Handler:
+    def wrap(self, handler: Handler, *, expect: bool = False) -> Handler:
         """``handler`` behind the ingress. Every route's handler is registered wrapped, not
         behind an aiohttp middleware: the middleware machinery costs more per request than
-        all the ingress does (about 5 µs of a 140 µs request)."""
+        all the ingress does (about 5 µs of a 140 µs request). ``expect``: the ``Expect``
+        header is answered here first (``expect_continue``), as aiohttp's router does before
+        a route's handler; for the server's direct entry, which has no router
+        (``app.ENTRY``)."""
 
         async def ingress(request: web.Request) -> web.StreamResponse:
-            return await self.handle(request, handler)
+            headers = request.headers
+            if expect and headers.get("Expect"):
+                answer = await expect_continue(request)
+                await request.writer.drain()
+                if answer is not None:
+                    return answer
+            ctx = open_context(self.request_id(headers.get("X-Request-Id")))
+            traced = self._tracing.start(headers, request.method)
+            ctx.trace = traced.ids
+            started = time.perf_counter()
+            try:
+                self.check_headers(request)
+                response = await handler(request)
+            except GatewayError as exc:
+                ctx.outcome = exc.code
+                response = render_error(exc)
+            except web.HTTPException as exc:
+                error = _MAPPED_HTTP.get(exc.status, BadRequestError)()
+                ctx.outcome = error.code
+                response = render_error(error)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("unhandled_error")
+                ctx.outcome = "internal_error"
+                response = render_error(GatewayError())
+            if not response.prepared:
+                response.headers["X-Request-Id"] = ctx.request_id
+            self._observe(request, response, ctx, time.perf_counter() - started, traced)
+            return response
 
         return ingress
-
-    async def handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        headers = request.headers
-        ctx = open_context(self.request_id(headers.get("X-Request-Id")))
-        traced = self._tracing.start(headers, request.method)
-        ctx.trace = traced.ids
-        started = time.perf_counter()
-        try:
-            self.check_headers(request)
-            response = await handler(request)
-        except GatewayError as exc:
-            ctx.outcome = exc.code
-            response = render_error(exc)
-        except web.HTTPException as exc:
-            error = _MAPPED_HTTP.get(exc.status, BadRequestError)()
-            ctx.outcome = error.code
-            response = render_error(error)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled_error")
-            ctx.outcome = "internal_error"
-            response = render_error(GatewayError())
-        if not response.prepared:
-            response.headers["X-Request-Id"] = ctx.request_id
-        self._observe(request, response, ctx, time.perf_counter() - started, traced)
-        return response
 
     def _observe(
         self,

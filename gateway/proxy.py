@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.bff.capture import TokenCapture
 from gateway.context import current
-from gateway.routing import Route, RouteTable, encode_path, parse_path
+from gateway.routing import Route, RouteTable, encode_path
 from gateway.upstream import Upstream
 from gateway.websocket import forward_websocket, is_websocket_upgrade
 
@@ -41,8 +41,8 @@ class Proxy:
         self._upstream = upstream
         self._capture = capture
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = parse_path(request.raw_path.partition("?")[0])
+    async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Forward ``request``, whose target's path is ``path`` (``routing.parse_path``'s)."""
         route = self._routes.match(path)
         ctx = current()
         if ctx is not None:

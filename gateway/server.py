@@ -19,7 +19,7 @@ import signal
 from aiohttp import web
 
 from gateway.admin import Readiness, build_admin_app
-from gateway.app import build_app
+from gateway.app import ENTRY, build_app
 from gateway.http_server import GatewayRunner
 from gateway.ingress import aiohttp_parser_limits
 from gateway.metrics import Metrics
@@ -37,6 +37,7 @@ def build_runners(
     limits = settings.limits
     runner = GatewayRunner(
         app,
+        entry=app[ENTRY],
         limits=limits,
         max_connections=limits.max_connections,
         metrics=metrics,

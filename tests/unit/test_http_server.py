@@ -304,6 +304,61 @@ async def test_a_target_with_no_path_is_answered_as_ours(
     assert upstream.requests == []
 
 
+async def test_the_public_server_answers_without_aiohttp_s_router(
+    issuer: FakeIssuer, upstream: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` calls the public app's one handler directly (``app.ENTRY``): the router's
+    work is skipped, and what it did (the session endpoints, their methods, ``/auth/`` as
+    ours, ``Expect``) is still done, by ``app.PublicRoutes`` and the ingress."""
+    resolved: list[str] = []
+    resolve = web.UrlDispatcher.resolve
+
+    async def counted(self: web.UrlDispatcher, request: web.Request) -> Any:
+        resolved.append(request.path)
+        return await resolve(self, request)
+
+    monkeypatch.setattr(web.UrlDispatcher, "resolve", counted)
+    upstream_url = f"http://127.0.0.1:{upstream.port}"
+    config = base_config(issuer.url, upstream_url)
+    config["oidc"]["client_id"] = "spa"
+    config["session"] = {"store": "memory"}  # base_config's /public: auth none
+    config["routes"].append({"prefix": "/app", "upstream": upstream_url, "auth": "session"})
+    async with serving(parse_settings(config)) as served:
+        session = {"authenticated": False}
+        cases: list[tuple[bytes, int, Any]] = [
+            (head(b"GET /public/x HTTP/1.1", b"Host: a"), 200, b"ok"),
+            (head(b"GET /auth/session HTTP/1.1", b"Host: a"), 200, session),
+            (head(b"POST /auth/login HTTP/1.1", b"Host: a"), 405, "method_not_allowed"),
+            (head(b"DELETE /auth/session HTTP/1.1", b"Host: a"), 405, "method_not_allowed"),
+            (head(b"GET /auth/callback/x HTTP/1.1", b"Host: a"), 404, "not_found"),
+            # the same endpoint, as the proxy reads a path: one reading of a target
+            (head(b"GET /public/%2e%2e/auth/session HTTP/1.1", b"Host: a"), 200, session),
+            (head(b"GET /public/x HTTP/1.1", b"Host: a", b"Expect: nonsense"), 417, None),
+        ]
+        for raw, status, expected in cases:
+            reply = await send(served.port, raw)
+            assert reply.status == status, raw
+            if isinstance(expected, bytes):
+                assert reply.body == expected
+            elif isinstance(expected, str):
+                assert reply.json()["error"] == expected
+            elif expected is not None:
+                assert {k: reply.json()[k] for k in expected} == expected
+        continued = await send(
+            served.port,
+            head(
+                b"POST /public/x HTTP/1.1",
+                b"Host: a",
+                b"Expect: 100-continue",
+                b"Content-Length: 2",
+            )
+            + b"hi",
+        )
+        assert continued.status == 100  # answered at once, before the body
+    # (the fake issuer is an aiohttp app too: its paths are resolved by its router)
+    assert [path for path in resolved if path.startswith(("/public", "/auth"))] == []
+
+
 async def test_request_bodies_reach_the_upstream_as_sent_never_decoded(
     served: Served, upstream: RawServer, caplog: pytest.LogCaptureFixture
 ) -> None:

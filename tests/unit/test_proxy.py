@@ -257,7 +257,7 @@ async def test_unexpected_error_is_500_json_without_trace(
     def explode(path: str) -> str:
         raise RuntimeError("secret-detail-in-exception")
 
-    monkeypatch.setattr("gateway.proxy.parse_path", explode)
+    monkeypatch.setattr("gateway.app.parse_path", explode)
     resp = await gateway.get("/public/x")
     assert resp.status == 500
     text = await resp.text()

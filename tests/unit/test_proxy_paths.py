@@ -201,7 +201,7 @@ async def test_an_unhandled_error_would_be_seen(
         raise UnicodeDecodeError("utf-8", b"\xc0", 0, 1, "invalid start byte")
 
     caplog.set_level(logging.ERROR)
-    monkeypatch.setattr("gateway.proxy.parse_path", explode)
+    monkeypatch.setattr("gateway.app.parse_path", explode)
     assert (await send(gateway, b"/public/x")).status == 500
     assert unhandled_errors(caplog) == ["unhandled_error"]
 
