@@ -127,47 +127,55 @@ class AccessLog:
     def write(
         self, ctx: RequestContext, method: str, path: str, status: int, duration_s: float
     ) -> None:
-        now = time.time()
-        second = int(now)
+        millis = time.time_ns() // 1_000_000
+        second = millis // 1000
         if second != self._second:  # formatting a timestamp costs more than the rest
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        stamp = f"{self._second_text}.{int((now - second) * 1000):03d}Z"
-        if _MAY_HOLD_CREDENTIAL.search(path):
+        stamp = self._second_text + _MILLIS[millis % 1000]
+        # The pattern needs one of these, and three substring tests cost a tenth of it.
+        if ("=" in path or ":" in path or "eyJ" in path) and _MAY_HOLD_CREDENTIAL.search(path):
             path = redact(path)
         subject = ctx.subject
         subject_key = "subject"
         if subject is not None and not self._log_subject:
             subject_key, subject = "subject_hash", hash_subject(subject)
+        trace = ctx.trace
+        upstream_s = ctx.upstream_s
+        # One string built once: the optional fields first, small, then the line around them.
         if self._json:
+            optional = (
+                ""
+                if trace is None
+                else f',"trace_id":"{trace.trace_id_hex}","span_id":"{trace.span_id_hex}"'
+            )
+            if upstream_s is not None:
+                optional += f',"upstream_ms":{upstream_s * 1000:.3f}'
+            if subject is not None:
+                optional += f',"{subject_key}":{_quote(subject)}'
             line = (
                 f'{{"time":"{stamp}","level":"info","logger":"tokengate.access",'
                 f'"event":"access","request_id":{_quote(ctx.request_id)},'
                 f'"route":{_quote(ctx.route)},"method":{_quote(method)},'
                 f'"path":{_quote(path)},"status":{status},"duration_ms":{duration_s * 1000:.3f},'
-                f'"auth":{_quote(ctx.auth_mode)},"outcome":{_quote(ctx.outcome)}'
+                f'"auth":{_quote(ctx.auth_mode)},"outcome":{_quote(ctx.outcome)}{optional}}}'
             )
-            if ctx.trace is not None:
-                trace = ctx.trace
-                line += f',"trace_id":"{trace.trace_id_hex}","span_id":"{trace.span_id_hex}"'
-            if ctx.upstream_s is not None:
-                line += f',"upstream_ms":{ctx.upstream_s * 1000:.3f}'
-            if subject is not None:
-                line += f',"{subject_key}":{_quote(subject)}'
-            line += "}"
         else:
+            optional = (
+                ""
+                if trace is None
+                else f" trace_id={trace.trace_id_hex} span_id={trace.span_id_hex}"
+            )
+            if upstream_s is not None:
+                optional += f" upstream_ms={upstream_s * 1000:.3f}"
+            if subject is not None:
+                optional += f" {subject_key}={subject}"
             line = (
                 f"{stamp} INFO    tokengate.access access request_id={ctx.request_id} "
                 f"route={ctx.route} method={method} path={path} status={status} "
                 f"duration_ms={duration_s * 1000:.3f} auth={ctx.auth_mode} outcome={ctx.outcome}"
+                f"{optional}"
             )
-            if ctx.trace is not None:
-                trace = ctx.trace
-                line += f" trace_id={trace.trace_id_hex} span_id={trace.span_id_hex}"
-            if ctx.upstream_s is not None:
-                line += f" upstream_ms={ctx.upstream_s * 1000:.3f}"
-            if subject is not None:
-                line += f" {subject_key}={subject}"
         pending = self._pending
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
@@ -191,6 +199,7 @@ class AccessLog:
 
 
 _MAX_PENDING = 512
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a timestamp's tail, by millisecond
 # json.dumps of one string, without the generic machinery around it.
 _quote = json.encoder.encode_basestring_ascii
 

@@ -120,6 +120,10 @@ class Tracing:
         propagate = self._settings.propagate
         if propagate and "traceparent" in headers:
             parent = _PROPAGATOR.extract(headers)
+        elif propagate and self._provider is None:
+            # Most requests: a new trace, nothing here records it, so the sampling decision
+            # is the upstream's.
+            return RequestTrace(_new_trace(), None, None)
         if self._provider is None:
             if not propagate:
                 return _UNTRACED  # no ids, nothing sent upstream: tracing off
@@ -165,8 +169,7 @@ class Tracing:
                 return TraceIds(
                     context.trace_id, span_id, context.trace_flags.sampled, _tracestate(parent)
                 )
-        # A new trace: nothing here records it, so the sampling decision is the upstream's.
-        return TraceIds(random.getrandbits(128) or 1, span_id, True)
+        return _new_trace(span_id)
 
     async def aclose(self, timeout_s: float) -> None:
         """Export what is buffered, within ``timeout_s`` (the drain grace), and stop."""
@@ -180,6 +183,15 @@ class Tracing:
         if not flushed:
             log.warning("traces_not_flushed", extra={"timeout_s": timeout_s})
         await asyncio.to_thread(provider.shutdown)
+
+
+def _new_trace(span_id: int | None = None) -> TraceIds:
+    """A new trace's ids, flagged sampled: nothing here records it, so the sampling
+    decision is the upstream's."""
+    return TraceIds(_random_bits(128) or 1, span_id or _random_bits(64) or 1, True)
+
+
+_random_bits = random.getrandbits
 
 
 def _tracestate(parent: otel_context.Context | None) -> str | None:
