@@ -129,6 +129,18 @@ def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == name]
 
 
+def as_sent(value: str) -> str:
+    """A header value as aiohttp's serialiser writes it to the client.
+
+    Both upstream clients decode header bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), and aiohttp's serialiser drops every surrogate without a word:
+    ``__Host-tokengate\\xe9=x`` reaches the browser as ``__Host-tokengate=x``. SECURITY: a
+    filter of the upstream's headers (our cookies, capture's tokens) judges this, what the
+    browser gets, never the value as it arrived.
+    """
+    return value if value.isascii() else value.encode("utf-8", "ignore").decode("utf-8")
+
+
 class UpstreamReply(Protocol):
     """An upstream's answer with its body still on the wire; ``gateway.http1.Http1Response``
     is one. Errors while reading are ``TimeoutError`` or another ``OSError``: the one
@@ -500,12 +512,13 @@ class Upstream:
                 drop = drop | connection_tokens(header_values(raw, "connection"))
                 break
         # SECURITY: an upstream must not plant or overwrite our cookies (session fixation,
-        # login CSRF): their names are parsed as a browser parses them (``set_cookie``).
+        # login CSRF): their names are parsed as a browser parses them (``set_cookie``), in
+        # the form the browser gets (``as_sent``).
         guard = self._cookie_guard
         headers = []
         for k, v in raw:
             lname = k.lower()
-            if lname in drop or (guard and lname == "set-cookie" and guard.plants(v)):
+            if lname in drop or (guard and lname == "set-cookie" and guard.plants(as_sent(v))):
                 continue
             headers.append((k, v))
         length = upstream.content_length

@@ -79,6 +79,7 @@ from gateway.settings import CaptureSettings, JsonResponsePaths
 from gateway.upstream import (
     HOP_BY_HOP,
     UpstreamReply,
+    as_sent,
     connection_tokens,
     header_values,
     response_has_body,
@@ -274,9 +275,12 @@ class TokenCapture:
 
     def _headers(self, upstream: UpstreamReply, tokens: TokenFilter) -> CIMultiDict[str]:
         drop = _DROP | connection_tokens(header_values(upstream.headers, "connection"))
+        # SECURITY: each value is judged as the browser gets it (``as_sent``): a byte that
+        # is not UTF-8, dropped on the way out, must not hide a token or our cookie's name.
+        sent = ((name, as_sent(value)) for name, value in upstream.headers)
         return CIMultiDict(
             (name, value)
-            for name, value in upstream.headers
+            for name, value in sent
             if name.lower() not in drop
             and not (name.lower() == "set-cookie" and self._forbidden_cookie(value))
             # SECURITY: a token echoed in a header (X-Access-Token) is a token all the same.

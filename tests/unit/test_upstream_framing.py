@@ -174,3 +174,35 @@ async def test_a_kept_alive_connection_closed_by_the_upstream_is_replaced(front:
         resp = await gateway.get("/public/x")
         assert (resp.status, await resp.read()) == (200, b"ok")
     assert server.connections == 3
+
+
+@pytest.mark.parametrize("client", ["http1", "aiohttp"])
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 2\r\n\r\nok", b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+    ids=["buffered", "streamed"],
+)
+async def test_a_byte_that_is_not_utf8_cannot_smuggle_our_cookie_name(
+    aiohttp_client: Any, issuer: FakeIssuer, client: str, framing: bytes
+) -> None:
+    # Both clients decode 0xE9 as a lone surrogate, and aiohttp's serialiser drops
+    # surrogates: judged as received, the name is not ours; as sent, it is.
+    async with raw_servers() as start:
+        server = await start(
+            respond_forever(
+                b"HTTP/1.1 200 OK\r\n"
+                b"Set-Cookie: __Host-tokengate\xe9=planted; Path=/\r\n"
+                b"Set-Cookie: \xe9__Host-tokengate=planted; Path=/\r\n"
+                b"Set-Cookie: theme=dark\xe9\r\n" + framing
+            )
+        )
+        server_url = f"http://127.0.0.1:{server.port}"
+        config = base_config(issuer.url, server_url, upstream={"client": client})
+        config["oidc"]["client_id"] = "spa"
+        config["session"] = {"store": "memory"}
+        config["routes"].append({"prefix": "/app", "upstream": server_url, "auth": "session"})
+        gateway = await aiohttp_client(build_app(parse_settings(config)))
+        resp = await gateway.get("/public/x")
+        assert (resp.status, await resp.read()) == (200, b"ok")
+        cookies = [v for k, v in resp.raw_headers if k.lower() == b"set-cookie"]
+        assert cookies == [b"theme=dark"]
