@@ -406,15 +406,10 @@ def check_reply(
                 raise jws.invalid("malformed", f"the token's cnf.{member} is not a string")
 
 
-def _no_constant(name: str) -> Any:
-    # NaN, Infinity and -Infinity are Python's json extensions, not JSON (RFC 8259 §6).
-    raise ValueError(name)
-
-
 def _json_object(data: bytes) -> dict[str, Any] | None:
     """A JSON object, or None for any other JSON value; ValueError when not JSON."""
     try:
-        value = json.loads(data, parse_constant=_no_constant)
+        value = jws.strict_json(data)
     except RecursionError:
         raise ValueError("too deep") from None
     return value if isinstance(value, dict) else None

@@ -93,9 +93,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+# ``json.loads`` with any option builds a decoder per call (a third of a small payload's
+# decode); this one is built once.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def strict_json(data: bytes) -> Any:
+    """``data`` as ``json.loads(data)`` reads it (the encoding detected the same way), but
+    without NaN and the infinities; ``ValueError`` (``RecursionError`` when too deep)."""
+    return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data, parse_constant=_no_constant)
+        value = strict_json(data)
     except (ValueError, RecursionError):
         raise _malformed(f"the token's {what} is not JSON") from None
     if not isinstance(value, dict):

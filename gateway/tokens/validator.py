@@ -116,11 +116,13 @@ class TokenValidator:
         # SECURITY: RFC 8725 §3.11; before the key, so a token of the wrong kind cannot make
         # us fetch the key set.
         jws.check_token_type(parsed.header, token_types)
+        # Decoded once: read for the issuer first, trusted only once the signature checks.
+        claims = jws.unverified_claims(parsed)
         issuer = self._settings.issuer
         if issuer is not None:
             # SECURITY: before the key, so another issuer's token (or a made-up iss) costs
             # no key lookup and no JWKS fetch; checked again, verified, below.
-            claimed = jws.unverified_claims(parsed).get("iss")
+            claimed = claims.get("iss")
             if claimed is None:
                 raise jws.invalid("missing_claim", "the token lacks a required claim")
             if claimed != issuer:
@@ -130,7 +132,7 @@ class TokenValidator:
         except InvalidTokenError as exc:
             exc.result = "unknown_key"
             raise
-        claims = jws.verify_signature(parsed, self._algorithms[alg], key.key)
+        jws.check_signature(parsed, self._algorithms[alg], key.key)
         settings = self._settings
         jws.check_claims(
             claims,
