@@ -76,7 +76,7 @@ class Proxy:
             renewed = await self._auth.after_upstream_rejection(principal)
             if renewed is not None and body.replayable and self._replays(request.method, route):
                 response.release()
-                headers["Authorization"] = f"Bearer {renewed.access_token}"
+                headers.set("Authorization", f"Bearer {renewed.access_token}")
                 response = await self._upstream.open(request, route, headers, body, upstream_path)
         return await self._upstream.relay(request, response)
 

@@ -10,8 +10,10 @@ Plain ``http://`` upstreams go through ``gateway.http1`` (a keep-alive pool on l
 twice the throughput of aiohttp's client); ``https://`` upstreams, and every upstream when
 ``upstream.client`` is ``aiohttp``, through the app's ``ClientSession``. Both answer as an
 ``UpstreamReply``; their errors become ``UpstreamUnavailableError`` /
-``UpstreamTimeoutError`` here, at the boundary. Who the principal is, is ``auth``'s job;
-WebSockets are ``websocket``'s.
+``UpstreamTimeoutError`` here, at the boundary. Request headers are built as bytes, from
+the client's raw header bytes, in the pool's wire form (``UpstreamHeaders``); aiohttp's
+client gets them decoded. Who the principal is, is ``auth``'s job; WebSockets are
+``websocket``'s.
 
 Slow clients hold no upstream connection they can avoid: request bodies up to 64 KiB
 (chunked ones too) are read before the upstream is asked, responses up to 64 KiB are read
@@ -22,6 +24,7 @@ connection up when another request needs it (``gateway.http1.pool``). Their time
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -31,7 +34,6 @@ from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.context import current, set_request_id_header
@@ -104,7 +106,8 @@ _TRUSTED_DROP = _REQUEST_DROP | {"x-forwarded-for"}  # the peer is appended to i
 # header that is one of these once '_' is read as '-' is never forwarded, whoever sent it:
 # beside ours it could win. Content-Length is here for framing's sake.
 _CLAIMED = _UNTRUSTED_DROP | {"content-length"}
-_DroppedNames = tuple[frozenset[str], frozenset[str]]  # (as spelled, once '_' is read as '-')
+# Dropped client headers whose values build_headers reads: it sets these itself from them.
+_READ = frozenset({b"cookie", b"connection", b"authorization", b"x-forwarded-for"})
 _PEERS_KEPT = 4096  # peer addresses whose trust is remembered (Upstream._is_trusted)
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _BUFFER_LIMIT_BYTES = 64 * 1024  # bodies up to this are read whole (cheap, and replayable)
@@ -112,6 +115,17 @@ _BUFFER_LIMIT_BYTES = 64 * 1024  # bodies up to this are read whole (cheap, and 
 
 _SURROGATE = "surrogateescape"  # aiohttp decodes header bytes so; encoding back is lossless
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class _DroppedNames:
+    """Client header names never forwarded on a route, lowercase bytes (``_dropped_names``)."""
+
+    drop: frozenset[bytes]  # as spelled
+    drop_traced: frozenset[bytes]  # the same, and the trace context we send instead
+    claimed: frozenset[bytes]  # once '_' is read as '-'
+    identity: tuple[tuple[bytes, bytes, str], ...]  # (name, lowercase name, claim)
 
 
 def response_has_body(method: str, status: int) -> bool:
@@ -203,6 +217,45 @@ class _ClientReply:
         self._response.close()
 
 
+class UpstreamHeaders:
+    """The headers a request goes upstream with: ``(name, value)`` bytes pairs, in the order
+    ``Http1Pool.request`` sends them.
+
+    ``Upstream.build_headers`` makes them from the client's raw header bytes (no
+    ``CIMultiDict``, no decoding and encoding again per request); the client's values stay
+    as it sent them, ours are UTF-8. ``set`` and ``remove`` are for the few who change them
+    afterwards (a replay's new token, capture, the upstream span's traceparent); aiohttp's
+    client and WebSockets take ``items()``, the pairs decoded as aiohttp decodes a
+    request's headers.
+    """
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: RawHeaders | None = None) -> None:
+        self.pairs: RawHeaders = [] if pairs is None else pairs
+
+    def set(self, name: str, value: str) -> None:
+        """``name`` (in any case) has this one value from now on, last."""
+        self.remove(name)
+        self.pairs.append((name.encode("ascii"), value.encode("utf-8", _SURROGATE)))
+
+    def remove(self, name: str) -> None:
+        """No ``name`` (in any case) at all."""
+        key = name.lower().encode("ascii")
+        self.pairs = [pair for pair in self.pairs if pair[0].lower() != key]
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of ``name`` (in any case), decoded."""
+        key = name.lower().encode("ascii")
+        return [v.decode("utf-8", _SURROGATE) for k, v in self.pairs if k.lower() == key]
+
+    def items(self) -> list[tuple[str, str]]:
+        """The pairs as ``str``, decoded as aiohttp decodes header bytes: for its client."""
+        return [
+            (k.decode("utf-8", _SURROGATE), v.decode("utf-8", _SURROGATE)) for k, v in self.pairs
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class RequestBody:
     """A request body: ``None``, bytes already read (replayable), or a one-shot stream."""
@@ -246,19 +299,19 @@ class Upstream:
         public_host = public.host_port_subcomponent  # default port omitted, IDN as punycode
         if not public.scheme or public_host is None:
             raise ValueError("public_url must be an absolute URL")
-        self._public_scheme = public.scheme
-        self._public_host = public_host
+        self._public_scheme = public.scheme.encode("ascii")
+        self._public_host = public_host.encode("ascii")
         self._trusted_networks = tuple(trusted_proxies)
         self._peer_trust: dict[str, bool] = {}
         # By a route's identity headers (an entry per route), from an untrusted and from a
         # trusted peer: see ``_dropped_names``.
-        self._untrusted_names: dict[frozenset[str], _DroppedNames] = {}
-        self._trusted_names: dict[frozenset[str], _DroppedNames] = {}
+        self._untrusted_names: dict[tuple[tuple[str, str], ...], _DroppedNames] = {}
+        self._trusted_names: dict[tuple[tuple[str, str], ...], _DroppedNames] = {}
         # A DPoP-bound token goes on as received (scheme DPoP and the proof, for an upstream
         # that checks again) or as Bearer with the verified key's thumbprint in a header
         # that is ours on every route (a client's is dropped).
         self._dpop_as_bearer = dpop_upstream == "bearer"
-        self._thumbprint_header = thumbprint_header
+        self._thumbprint_header = thumbprint_header.encode("utf-8")
         self._own_headers = frozenset({thumbprint_header.lower()})
 
     @property
@@ -294,69 +347,83 @@ class Upstream:
 
     def build_headers(
         self, request: web.Request, route: Route, principal: Principal | None
-    ) -> CIMultiDict[str]:
-        incoming = request.headers
+    ) -> UpstreamHeaders:
+        """The request's headers for the upstream, from its raw header bytes: the client's
+        less what is hop-by-hop, ours or (from an untrusted peer) forwarding, then ours."""
         peer = request.remote or ""
         trusted = bool(self._trusted_networks) and self._is_trusted(peer)
         names = self._trusted_names if trusted else self._untrusted_names
-        identity = route.identity_header_names
-        known = names.get(identity)
+        known = names.get(route.identity_headers)
         if known is None:
-            known = names[identity] = _dropped_names(identity | self._own_headers, trusted=trusted)
-        drop, claimed = known
-        if "Connection" in incoming:
-            drop = drop | connection_tokens(incoming.getall("Connection"))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in incoming.items():
-            lname = name.lower()
-            if lname in drop or ("_" in lname and lname.replace("_", "-") in claimed):
+            known = names[route.identity_headers] = _dropped_names(
+                route.identity_headers, self._own_headers, trusted=trusted
+            )
+        ctx = current()
+        trace = None if ctx is None else ctx.trace
+        # With a trace of ours, the caller's traceparent and tracestate are replaced below.
+        drop = known.drop if trace is None else known.drop_traced
+        claimed = known.claimed
+        pairs: RawHeaders = []
+        read: dict[bytes, list[bytes]] | None = None  # dropped, but their values count
+        for pair in request.raw_headers:
+            lname = pair[0].lower()
+            if lname in drop:
+                if lname in _READ:
+                    if read is None:
+                        read = {}
+                    read.setdefault(lname, []).append(pair[1])
                 continue
-            headers.add(name, value)
-        cookie = self._forwarded_cookie(incoming)
-        if cookie:
-            headers["Cookie"] = cookie
+            if b"_" in lname and lname.replace(b"_", b"-") in claimed:
+                continue
+            pairs.append(pair)
+        if read is None:
+            read = {}
+        if connection := read.get(b"connection"):
+            # Hop-by-hop for this message only, by the client's word (RFC 9110 §7.6.1).
+            listed = _listed_names(tuple(connection)) - drop
+            if listed:
+                pairs = [pair for pair in pairs if pair[0].lower() not in listed]
+        if cookies := read.get(b"cookie"):
+            cookie = self._forwarded_cookie(cookies)
+            if cookie:
+                pairs.append((b"Cookie", cookie))
         if principal is not None:
+            token = principal.access_token.encode("utf-8", _SURROGATE)
             if principal.dpop_jkt is None:
-                headers["Authorization"] = f"Bearer {principal.access_token}"
+                pairs.append((b"Authorization", b"Bearer " + token))
             elif self._dpop_as_bearer:
-                headers["Authorization"] = f"Bearer {principal.access_token}"
-                headers[self._thumbprint_header] = principal.dpop_jkt
-                headers.popall("DPoP", None)
+                pairs = [pair for pair in pairs if pair[0].lower() != b"dpop"]
+                pairs.append((b"Authorization", b"Bearer " + token))
+                pairs.append((self._thumbprint_header, principal.dpop_jkt.encode("utf-8")))
             else:
-                headers["Authorization"] = f"DPoP {principal.access_token}"
-            for header, claim in route.identity_headers:
-                claim_value = principal.claims.get(claim)
-                if isinstance(claim_value, str | int | float):
-                    text = str(claim_value)
-                    # SECURITY: a claim is the IdP's data, not ours; a CR or LF in it would
-                    # split the upstream request. Such a value is not forwarded at all.
-                    if _CONTROL.isdisjoint(text):
-                        headers[header] = text
-        elif route.auth == "none" and "Authorization" in incoming:
-            headers["Authorization"] = incoming["Authorization"]  # not ours to judge
+                pairs.append((b"Authorization", b"DPoP " + token))
+            if known.identity:
+                pairs += _identity_pairs(known.identity, principal)
+        elif route.auth == "none" and (authorization := read.get(b"authorization")):
+            pairs.append((b"Authorization", authorization[0]))  # not ours to judge
         if trusted:
             # A proxy of ours: its forwarding headers were kept above; the chain grows by one.
-            chain = [v for v in incoming.getall("X-Forwarded-For", ()) if v.strip()]
-            headers["X-Forwarded-For"] = ", ".join((*chain, peer))
-            headers.setdefault("X-Forwarded-Proto", self._public_scheme)
-            headers.setdefault("X-Forwarded-Host", self._public_host)
+            chain = [v for v in _decoded(read.get(b"x-forwarded-for", ())) if v.strip()]
+            chain.append(peer)
+            pairs.append((b"X-Forwarded-For", ", ".join(chain).encode("utf-8", _SURROGATE)))
+            sent = {pair[0].lower() for pair in pairs}
+            if b"x-forwarded-proto" not in sent:
+                pairs.append((b"X-Forwarded-Proto", self._public_scheme))
+            if b"x-forwarded-host" not in sent:
+                pairs.append((b"X-Forwarded-Host", self._public_host))
         else:
-            headers["X-Forwarded-For"] = peer
-            headers["X-Forwarded-Proto"] = self._public_scheme
-            headers["X-Forwarded-Host"] = self._public_host
-        ctx = current()
+            pairs.append((b"X-Forwarded-For", peer.encode("utf-8", _SURROGATE)))
+            pairs.append((b"X-Forwarded-Proto", self._public_scheme))
+            pairs.append((b"X-Forwarded-Host", self._public_host))
         if ctx is not None:
-            headers["X-Request-Id"] = ctx.request_id
-            trace = ctx.trace
+            pairs.append((b"X-Request-Id", ctx.request_id.encode("utf-8", _SURROGATE)))
             if trace is not None:
                 # Our span is the upstream's parent; the caller's tracestate goes with its
                 # trace only (W3C: none with a traceparent we did not continue).
-                headers["traceparent"] = trace.traceparent()
-                if trace.tracestate is None:
-                    headers.popall("tracestate", None)
-                else:
-                    headers["tracestate"] = trace.tracestate
-        return headers
+                pairs.append((b"traceparent", trace.traceparent().encode("ascii")))
+                if trace.tracestate is not None:
+                    pairs.append((b"tracestate", trace.tracestate.encode("utf-8", _SURROGATE)))
+        return UpstreamHeaders(pairs)
 
     def _is_trusted(self, peer: str) -> bool:
         # Parsing an address costs more than the rest of build_headers; most requests come
@@ -369,28 +436,25 @@ class Upstream:
             trusted = known[peer] = _in_networks(peer, self._trusted_networks)
         return trusted
 
-    def _forwarded_cookie(self, incoming: CIMultiDictProxy[str]) -> str | None:
-        values = incoming.getall("Cookie", ())
-        if not values:
-            return None
+    def _forwarded_cookie(self, values: list[bytes]) -> bytes | None:
         prefixes = self._own_prefixes
         if not prefixes:
-            return "; ".join(values)
+            return b"; ".join(values)
         # SECURITY: our cookies (session, login binding) are credentials for us, never for
-        # the upstream.
+        # the upstream. Judged on the text aiohttp would have decoded, by the same rule.
         kept = [
             part
-            for value in values
+            for value in _decoded(values)
             for part in map(str.strip, value.split(";"))
             if part and not part.startswith(prefixes)
         ]
-        return "; ".join(kept) or None
+        return "; ".join(kept).encode("utf-8", _SURROGATE) or None
 
     async def open(
         self,
         request: web.Request,
         route: Route,
-        headers: CIMultiDict[str],
+        headers: UpstreamHeaders,
         body: RequestBody,
         path: str,
     ) -> UpstreamReply:
@@ -407,7 +471,7 @@ class Upstream:
             traceparent,
         ):
             if traceparent is not None:
-                headers["traceparent"] = traceparent  # the client span is the parent now
+                headers.set("traceparent", traceparent)  # the client span is the parent now
             reply = await self._open(request, route, headers, body, path)
             if span is not None:
                 span.set_attribute("http.response.status_code", reply.status)
@@ -417,7 +481,7 @@ class Upstream:
         self,
         request: web.Request,
         route: Route,
-        headers: CIMultiDict[str],
+        headers: UpstreamHeaders,
         body: RequestBody,
         path: str,
     ) -> UpstreamReply:
@@ -431,17 +495,14 @@ class Upstream:
                     route.origin[0],
                     route.origin[1],
                     target.encode("utf-8", _SURROGATE),
-                    [
-                        (k.encode("utf-8", _SURROGATE), v.encode("utf-8", _SURROGATE))
-                        for k, v in headers.items()
-                    ],
+                    headers.pairs,
                     body.data,
                     connect_timeout_s=route.connect_timeout_s,
                     read_timeout_s=route.read_timeout_s,
                 )
             else:
                 reply = await self._open_with_aiohttp(
-                    request.method, route, headers, body, path, query
+                    request.method, route, headers.items(), body, path, query
                 )
         except GatewayError:
             raise
@@ -462,7 +523,7 @@ class Upstream:
         self,
         method: str,
         route: Route,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: RequestBody,
         path: str,
         query: str,
@@ -575,12 +636,61 @@ def _in_networks(
     return any(address in network for network in networks)
 
 
-def _dropped_names(identity: frozenset[str], *, trusted: bool) -> _DroppedNames:
+def _dropped_names(
+    identity_headers: tuple[tuple[str, str], ...], own: frozenset[str], *, trusted: bool
+) -> _DroppedNames:
     """Client header names never forwarded on a route: as spelled (lowercase), and as read
-    by a server that takes '_' for '-'. Identity headers are ours under either spelling."""
+    by a server that takes '_' for '-'. Identity headers (and ``own``, ours on every route)
+    are ours under either spelling. Computed once per route and trust, as bytes."""
+    identity = frozenset(name.lower() for name, _ in identity_headers) | own
     folded = frozenset(name.replace("_", "-") for name in identity)
-    drop = (_TRUSTED_DROP if trusted else _UNTRUSTED_DROP) | identity | folded
-    return drop, _CLAIMED | folded
+    drop = _encoded((_TRUSTED_DROP if trusted else _UNTRUSTED_DROP) | identity | folded)
+    return _DroppedNames(
+        drop=drop,
+        drop_traced=drop | {b"traceparent", b"tracestate"},
+        claimed=_encoded(_CLAIMED | folded),
+        identity=tuple(
+            (name.encode("utf-8"), name.lower().encode("utf-8"), claim)
+            for name, claim in identity_headers
+        ),
+    )
+
+
+def _identity_pairs(
+    identity: tuple[tuple[bytes, bytes, str], ...], principal: Principal
+) -> RawHeaders:
+    """A route's identity headers from the principal's claims; the last of one name wins."""
+    found: dict[bytes, tuple[bytes, bytes]] = {}
+    for name, lname, claim in identity:
+        claim_value = principal.claims.get(claim)
+        if isinstance(claim_value, str | int | float):
+            text = str(claim_value)
+            # SECURITY: a claim is the IdP's data, not ours; a CR or LF in it would split
+            # the upstream request, and a lone surrogate (JSON's "\ud800") is dropped by
+            # aiohttp's serialiser, which could make one name another's. Such a value is
+            # not forwarded at all.
+            if _CONTROL.isdisjoint(text):
+                try:
+                    found[lname] = (name, text.encode("utf-8"))
+                except UnicodeEncodeError:
+                    continue
+    return list(found.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _listed_names(values: tuple[bytes, ...]) -> frozenset[bytes]:
+    """The names a request's ``Connection`` values list, by ``connection_tokens``' rule.
+    Remembered: browsers send the same one or two (``keep-alive``) on every request."""
+    return _encoded(connection_tokens(_decoded(values)))
+
+
+def _encoded(names: frozenset[str]) -> frozenset[bytes]:
+    return frozenset(name.encode("utf-8", _SURROGATE) for name in names)
+
+
+def _decoded(values: Iterable[bytes]) -> list[str]:
+    """Header values as aiohttp decodes them: what the rules over ``str`` were written for."""
+    return [value.decode("utf-8", _SURROGATE) for value in values]
 
 
 async def _stream_limited(

@@ -17,23 +17,24 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.context import set_request_id_header
 from gateway.errors import UpstreamTimeoutError, UpstreamUnavailableError
 from gateway.routing import Route
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, UpstreamHeaders
 
 log = logging.getLogger(__name__)
 
 _ENDED = b"authentication ended"  # the close frame's reason: a session ended, a token expired
 
 # The handshake is re-done by aiohttp's client; these belong to the client's own handshake.
-_HANDSHAKE = (
-    "Sec-WebSocket-Key",
-    "Sec-WebSocket-Version",
-    "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol",
+_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+    }
 )
 
 
@@ -50,7 +51,7 @@ async def forward_websocket(
     request: web.Request,
     route: Route,
     upstream: Upstream,
-    headers: CIMultiDict[str],
+    headers: UpstreamHeaders,
     path: str,
     ended: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> web.WebSocketResponse:
@@ -66,12 +67,12 @@ async def forward_websocket(
         for p in v.split(",")
         if p.strip()
     )
-    for name in _HANDSHAKE:
-        headers.popall(name, None)
+    # aiohttp's client takes ``str`` pairs; ours decoded as aiohttp decodes a request's.
+    sent = [(name, value) for name, value in headers.items() if name.lower() not in _HANDSHAKE]
     try:
         remote = await upstream.http.ws_connect(
             url,
-            headers=headers,
+            headers=sent,
             protocols=protocols,
             timeout=aiohttp.ClientWSTimeout(ws_close=10.0),
             autoping=True,

@@ -78,6 +78,7 @@ from gateway.set_cookie import CookieGuard, parse_set_cookie_name
 from gateway.settings import CaptureSettings, JsonResponsePaths
 from gateway.upstream import (
     HOP_BY_HOP,
+    UpstreamHeaders,
     UpstreamReply,
     as_sent,
     connection_tokens,
@@ -210,14 +211,14 @@ class TokenCapture:
         self._clock = clock
         self._check_csrf = check_csrf
 
-    def prepare(self, request: web.Request, headers: CIMultiDict[str]) -> None:
+    def prepare(self, request: web.Request, headers: UpstreamHeaders) -> None:
         """Before a login is forwarded: the CSRF check, and ask for a reply we can read."""
         # SECURITY: a login sets our cookie; without the CSRF header a cross-site form could
         # log the browser into someone else's account (login CSRF).
         if self._check_csrf is not None:
             self._check_csrf(request)
         # A compressed reply could not be read for tokens (and would pass them through).
-        headers["Accept-Encoding"] = "identity"
+        headers.set("Accept-Encoding", "identity")
 
     async def relay(
         self,

@@ -296,7 +296,7 @@ def build(
 
     def in_a_request() -> CIMultiDict[str]:
         open_context(REQUEST_ID)
-        return upstream.build_headers(request, ROUTE, PRINCIPAL)
+        return CIMultiDict(upstream.build_headers(request, ROUTE, PRINCIPAL).items())
 
     return contextvars.copy_context().run(in_a_request)
 
