@@ -54,6 +54,7 @@ def build_admin_app(readiness: Readiness, metrics: Metrics) -> web.Application:
         # Prometheus asks for OpenMetrics (and so gets the exemplars) when it can read it.
         openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
         openmetrics = openmetrics and not metrics.multiprocess_mode
+        metrics.flush()  # here, in the thread that counts; rendering is another's
         body = await asyncio.to_thread(metrics.render, openmetrics=openmetrics)
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE
         return web.Response(body=body, headers={"Content-Type": content_type})

@@ -78,6 +78,13 @@ PROXY = web.AppKey("proxy", Proxy)
 ENTRY: web.AppKey[Handler] = web.AppKey("entry")
 
 
+async def metrics_flush(app: web.Application) -> AsyncIterator[None]:
+    """Counts folded into the registry every second (``Metrics.flush``), and at the end."""
+    app[METRICS].start_flushing()
+    yield
+    app[METRICS].stop_flushing()
+
+
 async def access_log(app: web.Application) -> AsyncIterator[None]:
     """The access log's batch: whatever is still pending is written on the way out."""
     yield
@@ -402,7 +409,17 @@ def build_app(
     app[ACCESS_LOG] = access
     app[TRACING] = tracing
     app.cleanup_ctx.extend(
-        (access_log, traces, upstream_http, idp_http, token_keys, session_store, sessions, proxy)
+        (
+            metrics_flush,
+            access_log,
+            traces,
+            upstream_http,
+            idp_http,
+            token_keys,
+            session_store,
+            sessions,
+            proxy,
+        )
     )
     # One handler behind the ingress for every request. It is the only route, matching
     # every target, so aiohttp's router never answers by itself (no 404 or 405 of its own);

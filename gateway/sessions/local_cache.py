@@ -49,7 +49,6 @@ class LocalSessionCache(FeedListener):
     ) -> None:
         self._feed = feed
         self._metrics = metrics
-        self._hits = metrics.child(metrics.session_cache_total, "hit")  # every cached read
         self._max_age_s = max_age_s
         self._max_entries = max_entries
         self._absolute_timeout_s = absolute_timeout_s
@@ -73,12 +72,12 @@ class LocalSessionCache(FeedListener):
             return None
         if not self._feed.live:
             return None  # the feed is late: an invalidation may be on its way
-        self._hits.inc()
+        self._metrics.add(self._metrics.session_cache_total, "hit")  # every cached read
         return session
 
     def _count(self, result: str) -> None:
         metrics = self._metrics
-        metrics.child(metrics.session_cache_total, result).inc()
+        metrics.add(metrics.session_cache_total, result)
 
     def put(self, storage_id: str, session: Session, generation: int) -> None:
         """Keep ``session``, loaded from Redis when the generation was ``generation``."""

@@ -315,7 +315,7 @@ class DpopVerifier:
         return key.thumbprint
 
     def _count(self, result: str) -> None:
-        self._metrics.child(self._metrics.dpop_proofs_total, result).inc()
+        self._metrics.add(self._metrics.dpop_proofs_total, result)
 
     def refused(self, exc: InvalidTokenError) -> InvalidTokenError:
         """``exc`` counted by its result, with DPoP's challenge: for the refusals ``auth``

@@ -145,11 +145,11 @@ class Introspector:
             result: metrics.child(metrics.introspection_total, name, result)
             for result in ("active", "inactive", "error")
         }
-        self._reads = {
-            result: metrics.child(metrics.introspection_cache_total, name, result)
-            for result in ("hit", "shared", "stale", "miss")
-        }
         self._duration = metrics.child(metrics.introspection_duration_seconds, name)
+
+    def _count_read(self, result: str) -> None:
+        metrics = self._metrics
+        metrics.add(metrics.introspection_cache_total, self._provider.name, result)
 
     @property
     def cached_answers(self) -> int:
@@ -172,14 +172,14 @@ class Introspector:
             now = self._clock()
             if now < entry.fresh_until:
                 self._cache.move_to_end(key)
-                self._reads["hit"].inc()
+                self._count_read("hit")
                 return entry.answer.result(), entry.fresh_until
             # Past its TTL: kept only while it may still be served stale (the flight
             # looks for it when the endpoint fails).
             if now >= entry.usable_until:
                 del self._cache[key]
         answer, source = await self._flights.join(key, lambda: self._look_up(key, token))
-        self._reads[source].inc()
+        self._count_read(source)
         if answer is None:
             raise IntrospectionUnavailableError()
         claims = answer.result()
@@ -189,7 +189,7 @@ class Introspector:
 
     def count_hit(self) -> None:
         """An answer of ours served from a caller's keeping (``introspect_until``)."""
-        self._reads["hit"].inc()
+        self._count_read("hit")
 
     async def aclose(self) -> None:
         await self._flights.aclose()

@@ -59,17 +59,15 @@ class TokenValidator:
         cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at + self._settings.leeway_s > self._clock():
-                self._metrics.child(
-                    self._metrics.token_validations_total, self.name, "valid_cached"
-                ).inc()
+                self._metrics.add(self._metrics.token_validations_total, self.name, "valid_cached")
                 return cached
             del self._cache[token]
         try:
             principal = await self._verify(token)
         except InvalidTokenError as exc:
-            self._metrics.child(self._metrics.token_validations_total, self.name, exc.result).inc()
+            self._metrics.add(self._metrics.token_validations_total, self.name, exc.result)
             raise
-        self._metrics.child(self._metrics.token_validations_total, self.name, "valid").inc()
+        self._metrics.add(self._metrics.token_validations_total, self.name, "valid")
         self._flush_on_new_keys()  # the key set may have changed while we verified
         if self._settings.token_cache_size:
             self._cache[token] = principal

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import ACCESS_LOG, STORE
 from gateway.logs import ContextFilter, JsonFormatter
+from gateway.metrics import FLUSH_EVERY_S
 from gateway.sessions.cookie import parse_secret
 from gateway.sessions.crypto import derive_handle
 from tests.fakes.upstream import FakeUpstream
@@ -108,7 +109,12 @@ async def test_two_workers_export_every_request_through_one_scrape(
             for i in range(60):  # new connections: the kernel spreads them over both workers
                 async with client.get(f"{gateway.url}/item/{i}") as resp:
                     assert resp.status == 200
-            # Whichever worker answers the scrape, it reports both workers' counts.
+            # Each worker folds its counts into the shared files every FLUSH_EVERY_S (and
+            # the one that answers a scrape, at once); then, whichever worker answers the
+            # scrape, it reports both workers' counts.
+            async with asyncio.timeout(FLUSH_EVERY_S * 5):
+                while requests_total(await scrape(client, gateway.admin_url)) < 60:  # noqa: ASYNC110  # another process
+                    await asyncio.sleep(FLUSH_EVERY_S / 10)
             totals = {requests_total(await scrape(client, gateway.admin_url)) for _ in range(6)}
         assert totals == {60.0}
     finally:

@@ -40,6 +40,7 @@ async def test_resources_open_in_order_and_close_in_reverse(
     events: list[str] = []
     names = [ctx.__name__ for ctx in app.cleanup_ctx]
     assert names == [
+        "metrics_flush",
         "access_log",
         "traces",
         "upstream_http",
