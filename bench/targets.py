@@ -124,13 +124,24 @@ TARGETS: tuple[Target, ...] = (
         "bearer) = what recording and exporting every span costs",
     ),
     Target(
+        "floor-cold",
+        "floor",
+        "bearer-cold",
+        needs=ISSUER,
+        floor="floor-cold",
+        note="the floor sent tg-bearer-cold's requests (a new token each, from the same file "
+        "through wrk's pick_header.lua; forwarded as is): what the changing header costs wrk "
+        "and the proxy, without checking it",
+    ),
+    Target(
         "tg-bearer-cold",
         "tokengate",
         "bearer-cold",
         "/bearer",
         needs=ISSUER,
-        floor="floor-bearer",
-        note="a new token every request, cache miss (signature check)",
+        floor="floor-cold",
+        note="a new token every request, cache miss (signature check); same-request floor: "
+        "floor-cold",
     ),
     Target(
         "floor-introspect",
@@ -174,13 +185,23 @@ TARGETS: tuple[Target, ...] = (
         "NX. Same-request floor: floor-dpop",
     ),
     Target(
+        "floor-session",
+        "floor",
+        "session",
+        needs=ISSUER | {"redis"},
+        floor="floor-session",
+        note="the floor sent tg-session's requests (a session cookie each, from the same file "
+        "through wrk's pick_header.lua, and the CSRF header; forwarded as is)",
+    ),
+    Target(
         "tg-session",
         "tokengate",
         "session",
         "/session",
         needs=ISSUER | {"redis"},
+        floor="floor-session",
         note="session cookie (one of many pre-made sessions per request), Redis store, "
-        "access token valid: no refresh",
+        "access token valid: no refresh; same-request floor: floor-session",
     ),
     Target(
         "tg-refresh-storm",
@@ -203,16 +224,19 @@ THROUGHPUT = (
     "tg-bearer-warm",
     "tg-bearer-trace-off",
     "tg-bearer-trace-sdk",
+    "floor-cold",
     "tg-bearer-cold",
     "floor-introspect",
     "tg-introspect-warm",
     "floor-dpop",
     "tg-dpop",
+    "floor-session",
     "tg-session",
 )
 # Latency is against the origin: the floors sent other targets' requests add nothing there
 # (floor-bearer, the first of them, stays as it always was).
-LATENCY = ("origin", *(n for n in THROUGHPUT if n not in ("floor-introspect", "floor-dpop")))
+_SAME_REQUEST_FLOORS = ("floor-introspect", "floor-dpop", "floor-cold", "floor-session")
+LATENCY = ("origin", *(n for n in THROUGHPUT if n not in _SAME_REQUEST_FLOORS))
 
 SESSION_COOKIE = "tg_session"  # no __Host- prefix: the bench is plain http on loopback
 CSRF_HEADER = "X-CSRF"  # tokengate's csrf.header, which every cookie request must carry
