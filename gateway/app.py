@@ -333,6 +333,7 @@ class PublicRoutes:
 
     def __init__(self, app: web.Application, settings: Settings) -> None:
         self._app = app
+        self._proxy: Proxy | None = None
         self._sessions = settings.uses_sessions
         self._auth: dict[str, dict[str, Handler]] = {}
         if self._sessions:
@@ -370,7 +371,10 @@ class PublicRoutes:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         path = parse_path(request.raw_path.partition("?")[0])
         if not path.startswith("/auth/"):
-            return await self._app[PROXY].handle(request, path)
+            proxy = self._proxy
+            if proxy is None:  # made at startup, after this
+                proxy = self._proxy = self._app[PROXY]
+            return await proxy.handle(request, path)
         handlers = self._auth.get(path)
         if handlers is not None:
             handler = handlers.get(request.method)

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -42,21 +41,22 @@ NO_TRACER: Tracer = trace.NoOpTracer()  # stateless: what components trace with 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-@dataclass(slots=True)
 class TraceIds:
     """A request's place in its trace: the trace, tokengate's span, the flags to pass on.
-    The ids in hex are formatted once, for the upstream's header and the access line."""
+    The ids in hex are formatted once, for the upstream's header and the access line.
+    (A plain class: a dataclass's ``__post_init__`` would be one more call per request.)"""
 
-    trace_id: int
-    span_id: int
-    sampled: bool
-    tracestate: str | None = None  # as received; forwarded as is
-    trace_id_hex: str = field(init=False)
-    span_id_hex: str = field(init=False)
+    __slots__ = ("sampled", "span_id", "span_id_hex", "trace_id", "trace_id_hex", "tracestate")
 
-    def __post_init__(self) -> None:
-        self.trace_id_hex = f"{self.trace_id:032x}"
-        self.span_id_hex = f"{self.span_id:016x}"
+    def __init__(
+        self, trace_id: int, span_id: int, sampled: bool, tracestate: str | None = None
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = sampled
+        self.tracestate = tracestate  # as received; forwarded as is
+        self.trace_id_hex = f"{trace_id:032x}"
+        self.span_id_hex = f"{span_id:016x}"
 
     def traceparent(self, span_id: int | None = None) -> str:
         flags = "-01" if self.sampled else "-00"
@@ -123,7 +123,8 @@ class Tracing:
         elif propagate and self._provider is None:
             # Most requests: a new trace, nothing here records it, so the sampling decision
             # is the upstream's.
-            return RequestTrace(_new_trace(), None, None)
+            ids = TraceIds(_random_bits(128) or 1, _random_bits(64) or 1, True)
+            return RequestTrace(ids, None, None)
         if self._provider is None:
             if not propagate:
                 return _UNTRACED  # no ids, nothing sent upstream: tracing off
