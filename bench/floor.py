@@ -4,8 +4,9 @@ upstream client, the body streamed back, hop-by-hop headers dropped).
 ``python bench/floor.py --port N --upstream http://127.0.0.1:M [--client aiohttp|http1]``.
 No auth, no metrics, no logs. ``--client`` is the upstream client: ``aiohttp`` (the
 default, aiohttp's ``ClientSession``: the ``floor`` row) or ``http1`` (tokengate's own
-``gateway.http1.Http1Pool``, raw header bytes through: the ``floor-http1`` row). tokengate
-cannot be faster than the floor on its own client and server.
+``gateway.http1.Http1Pool``, raw header bytes through: the ``floor-http1`` row), or
+``static``: no upstream at all, the bodies answered from memory (the ``aio-static`` row,
+aiohttp's server alone).
 """
 
 from __future__ import annotations
@@ -113,6 +114,26 @@ def build_http1_proxy(upstream: str) -> web.Application:
     return _app(client, handle)
 
 
+def build_static(upstream: str) -> web.Application:
+    """aiohttp's server alone (the ``aio-static`` row): the origin's bodies answered from
+    memory, no upstream (``upstream`` is ignored). What every aiohttp proxy pays before it
+    does anything: parsing, the request object, the router, the task, the response."""
+    from nginx import BODIES, body_of
+
+    bodies = {f"/{name}": body_of(size) for name, size in BODIES.items()}
+
+    async def nothing(app: web.Application) -> AsyncIterator[None]:
+        yield
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = bodies.get(request.path)
+        if body is None:
+            return web.Response(status=404)
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    return _app(nothing, handle)
+
+
 def _app(
     client: Callable[[web.Application], AsyncIterator[None]],
     handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -126,6 +147,7 @@ def _app(
 BUILDERS: dict[str, Callable[[str], web.Application]] = {
     "aiohttp": build_aiohttp_proxy,
     "http1": build_http1_proxy,
+    "static": build_static,
 }
 CLIENTS = tuple(BUILDERS)
 

@@ -72,12 +72,17 @@ def _write(prefix: Path, body: str) -> list[str]:
     return [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
 
 
+def body_of(size: int) -> bytes:
+    """The origin's body of ``size`` bytes (``aio-static`` answers the same)."""
+    return (b"tokengate-bench\n" * (size // 16 + 1))[:size]
+
+
 def origin_argv(prefix: Path, port: int) -> list[str]:
     """The origin: writes one file per body size under ``prefix/www`` and serves them."""
     root = prefix / "www"
     root.mkdir(parents=True, exist_ok=True)
     for name, size in BODIES.items():
-        (root / name).write_bytes((b"tokengate-bench\n" * (size // 16 + 1))[:size])
+        (root / name).write_bytes(body_of(size))
     return _write(prefix, _ORIGIN.format(port=port, root=root))
 
 

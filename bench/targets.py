@@ -37,7 +37,7 @@ Client = Literal[
     "plain", "bearer-warm", "bearer-cold", "introspect-warm", "dpop", "session", "refresh-storm"
 ]
 # The floor's upstream client (floor.py --client): aiohttp's, or tokengate's gateway.http1.
-FloorClient = Literal["aiohttp", "http1"]
+FloorClient = Literal["aiohttp", "http1", "static"]
 # Traces: tokengate's default (propagation only), none at all, or every span exported.
 Tracing = Literal["default", "off", "sdk"]
 # Introspection answers kept this long (tokengate's maximum): one call per instance, the
@@ -79,6 +79,13 @@ TARGETS: tuple[Target, ...] = (
         note="the floor's pass-through with tokengate's own upstream client (gateway.http1's "
         "Http1Pool, raw header bytes through) instead of aiohttp's: the floor on tokengate's "
         "client and server; every row is also given as x floor-http1",
+    ),
+    Target(
+        "aio-static",
+        "floor",
+        floor_client="static",
+        note="aiohttp's server alone (floor.py --client static): the bodies answered from "
+        "memory, no upstream; what any aiohttp server pays per request before it proxies",
     ),
     Target(
         "floor-bearer",
@@ -217,6 +224,7 @@ TARGETS: tuple[Target, ...] = (
 BY_NAME = {t.name: t for t in TARGETS}
 THROUGHPUT = (
     "nginx",
+    "aio-static",
     "floor",
     "floor-http1",
     "floor-bearer",
