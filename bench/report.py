@@ -32,12 +32,20 @@ class Run:
     round: int
     wrk: WrkResult
     cpu_s: float | None  # the target's process tree, None for the bare origin
+    # wrk's and the origin's CPU in the same run: what shares the cores with the target
+    others_cpu_s: float | None = None
 
     @property
     def cpu_us_per_request(self) -> float | None:
         if self.cpu_s is None or not self.wrk.requests:
             return None
         return self.cpu_s * 1e6 / self.wrk.requests
+
+    @property
+    def others_us_per_request(self) -> float | None:
+        if self.others_cpu_s is None or not self.wrk.requests:
+            return None
+        return self.others_cpu_s * 1e6 / self.wrk.requests
 
 
 Runs = dict[str, list[Run]]  # target name -> its runs, one per round
@@ -207,14 +215,30 @@ def _rss(kib: tuple[int, ...], requests: int) -> str:
     return " / ".join(f"{k / 1024:.1f}" for k in kib) + f" ({requests:,})" if kib else "-"
 
 
-def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, reference: str) -> str:
+def scaling_ceiling(
+    one_worker_us: float | None, others_us: float | None, cores: int
+) -> float | None:
+    """The most N workers can do over one on ``cores`` cores shared with the load generator
+    and the origin: one worker is held to one core (1/x requests a second), N to all the
+    cores less the others' share (cores/(x+y)), so the ratio is at most cores*x/(x+y)."""
+    if one_worker_us is None or others_us is None:
+        return None
+    return cores * one_worker_us / (one_worker_us + others_us)
+
+
+def scaling_table(
+    runs: Runs, memory: dict[str, WorkerMemory], body: str, reference: str, cores: int
+) -> str:
+    one_worker_us = median([r.cpu_us_per_request for r in runs.get(reference, [])])
     header = [
         "body",
         "target",
         "req/s",
         "x 1 worker",
+        f"{cores}-core ceiling",
         "p99 ms",
         "CPU µs/req",
+        "wrk+origin CPU µs/req",
         "RSS/worker MiB after 1/10 (sent)",
         "RSS/worker MiB at the end (sent)",
         "peak/worker MiB",
@@ -223,14 +247,18 @@ def scaling_table(runs: Runs, memory: dict[str, WorkerMemory], body: str, refere
     rows = []
     for target, target_runs in runs.items():
         mem = memory.get(target)
+        others_us = median([r.others_us_per_request for r in target_runs])
+        ceiling = None if target == reference else scaling_ceiling(one_worker_us, others_us, cores)
         rows.append(
             [
                 body,
                 target,
                 fmt(median([r.wrk.rps for r in target_runs]), 0),
                 fmt(per_round(runs, target, reference, rps_ratio)),
+                fmt(ceiling),
                 fmt(median([r.wrk.p99_ms for r in target_runs])),
                 fmt(median([r.cpu_us_per_request for r in target_runs]), 0),
+                fmt(others_us, 0),
                 _rss(mem.early_rss_kib, mem.early_requests) if mem else "-",
                 _rss(mem.rss_kib, mem.requests) if mem else "-",
                 " / ".join(f"{k / 1024:.1f}" for k in mem.hwm_kib) if mem else "-",

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import resource
 import shlex
 import signal
 import sys
@@ -337,6 +339,7 @@ class Bench:
         extra, script_args = self.lab.client_args(run.target, threads, url, duration_s)
         pid = run.proc.pid if run.proc else None
         before = tree_cpu_s(pid) if pid else None
+        others_before = _reaped_cpu_s() + tree_cpu_s(self.lab.origin_pid)
         result = run_wrk(
             url,
             duration_s=duration_s,
@@ -346,13 +349,15 @@ class Bench:
             script_args=script_args,
         )
         cpu_s = tree_cpu_s(pid) - before if pid and before is not None else None
+        # wrk is a child reaped by run_wrk: its CPU is in RUSAGE_CHILDREN now
+        others_s = _reaped_cpu_s() + tree_cpu_s(self.lab.origin_pid) - others_before
         if run.target.client == "dpop":
             self.lab.check_dpop_run(run.target, threads, result.requests, result.next_index)
         elif result.next_index is not None:
             self.lab.advance_cursor(run.target, result.next_index)
         self.sent[run.target.name] = self.sent.get(run.target.name, 0) + result.requests
         self.errors += result.errors
-        return Run(run.target.name, round_, result, cpu_s)
+        return Run(run.target.name, round_, result, cpu_s, others_s)
 
     def scaling(self) -> tuple[str, str]:
         base, body = BY_NAME[self.args.scaling_target], self.args.bodies[0]
@@ -378,7 +383,8 @@ class Bench:
             f"Scaling ({base.name}, body {body}, wrk -t{self.args.threads} "
             f"-c{self.args.connections}; RSS per worker after the requests sent)"
         )
-        return title, scaling_table(runs, memory, body, reference=variants[0].name)
+        cores = os.cpu_count() or 1
+        return title, scaling_table(runs, memory, body, reference=variants[0].name, cores=cores)
 
     def fill(self, run: Running, body: str, requests: int) -> WorkerMemory:
         """Send requests until ``requests`` in total, then read each worker's RSS."""
@@ -456,6 +462,12 @@ class Bench:
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops every process
+
+
+def _reaped_cpu_s() -> float:
+    """User + system CPU seconds of this driver's reaped children (wrk runs among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:

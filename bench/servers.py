@@ -71,6 +71,7 @@ class Lab:
         self.procs = procs
         self.access_log = access_log
         self.origin_port = 0
+        self.origin_pid = 0
         self.issuer: Issuer | None = None
         self.issuer_url: str | None = None
         self.warm_token = ""
@@ -94,6 +95,7 @@ class Lab:
     def start_origin(self) -> None:
         self.origin_port = free_port()
         proc = self.procs.start("origin", nginx.origin_argv(self.tmp / "origin", self.origin_port))
+        self.origin_pid = proc.pid
         wait_until_ready(proc, f"http://{LOOPBACK}:{self.origin_port}/200b")
 
     def start_issuer(self, cold_tokens: int, token_latency_ms: float) -> None:
