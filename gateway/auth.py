@@ -110,7 +110,9 @@ class Authenticator:
         if scheme == "bearer":
             if route.require_dpop:
                 raise self._refused("this resource takes DPoP-bound tokens only", "dpop_required")
-            principal = await self._providers.validate(token, route)
+            principal = self._providers.cache_hit(token, route)  # no await: most requests
+            if principal is None:
+                principal = await self._providers.validate(token, route)
             if principal.dpop_jkt is not None:
                 # SECURITY: RFC 9449 §7.2: a bound token without its proof could be a stolen
                 # one; it never passes as a Bearer token.
@@ -124,7 +126,9 @@ class Authenticator:
             raise dpop.refused(
                 InvalidDpopProofError("exactly one DPoP header is required", result="proofs")
             )
-        principal = await self._providers.validate(token, route)
+        principal = self._providers.cache_hit(token, route)
+        if principal is None:
+            principal = await self._providers.validate(token, route)
         if not principal.dpop_jkt:
             raise self._refused("the token is not DPoP-bound", "not_bound")
         url = self._public_url + request.raw_path.partition("?")[0]

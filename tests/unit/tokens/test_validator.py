@@ -232,3 +232,25 @@ async def test_cached_token_still_expires(issuer: FakeIssuer) -> None:
     now[0] = 1016.0
     with pytest.raises(InvalidTokenError):  # re-verified, not served from the cache
         await validator.validate("t")
+
+
+def test_a_cache_hit_without_an_await_still_drops_tokens_of_old_keys() -> None:
+    """``cache_hit`` (the auth fast path, no await) answers as ``validate`` would: a token
+    verified before the key set changed is not served from the cache afterwards."""
+
+    class Keys:
+        generation = 1
+
+    validator = TokenValidator(
+        OidcSettings(issuer="https://idp.example"),
+        Keys(),  # type: ignore[arg-type]
+        Metrics(),
+        clock=lambda: 1000.0,
+    )
+    principal = Principal("alice", frozenset(), {}, expires_at=2000.0, access_token="t")
+    validator._cache_generation = 1
+    validator._cache["t"] = principal
+    assert validator.cache_hit("t") is principal
+    assert validator.cache_hit("other") is None
+    Keys.generation = 2  # a refetch brought another key set
+    assert validator.cache_hit("t") is None
