@@ -101,20 +101,18 @@ class SessionAuthenticator:
     async def load(self, request: web.Request) -> tuple[SessionHandle, Session] | None:
         """The request's session, or None when it has no (live) session cookie."""
         value = self._cookies.session_value(request)
-        if value is None:
-            return None
-        with self._store.deadline():
-            return await self._load(value)
-
-    async def _load(self, value: str) -> tuple[SessionHandle, Session] | None:
-        handle = self._cookies.handle_of(value)
+        handle = None if value is None else self._cookies.handle_of(value)
         if handle is None:
             return None
+        with self._store.deadline():
+            session = await self._load(handle)
+        return None if session is None else (handle, session)
+
+    async def _load(self, handle: SessionHandle) -> Session | None:
         session = await self._load_or_held(handle, cached=True)
         if session is None:
             self._principals.pop(handle.storage_id, None)
-            return None
-        return handle, session
+        return session
 
     async def _load_or_held(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         try:
@@ -139,13 +137,22 @@ class SessionAuthenticator:
                 "log in, or send a Bearer access token", login_url=self._login_url
             )
         self.check_csrf(request)
+        handle = self._cookies.handle_of(value)
+        if handle is None:
+            raise self.expired()
+        # Most requests: this process's copy, its token good for a while yet. Answered
+        # without an await, as the path below would answer it.
+        cached = self._store.cached(handle)
+        if cached is not None:
+            fresh = self._refresher.fresh(handle, cached)
+            if fresh is not None:
+                return self._principal_of(handle, fresh)
         # One deadline for the request's store calls: Redis gone answers 503 within
         # session.redis_timeout_s. A refresh it waits for bounds its own calls.
         with self._store.deadline():
-            loaded = await self._load(value)
-            if loaded is None:
+            session = cached if cached is not None else await self._load(handle)
+            if session is None:
                 raise self.expired()
-            handle, session = loaded
             try:
                 session = await self._refresher.ensure_fresh(handle, session)
             except SessionExpiredError:

@@ -130,6 +130,9 @@ class MemorySessionStore:
         self._wrote()
         return stored
 
+    def cached(self, handle: SessionHandle) -> Session | None:
+        return None  # no copies: every load is this store's own (it slides the idle timeout)
+
     async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         stored = self._live_session(handle.storage_id)
         if stored is None:

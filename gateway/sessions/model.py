@@ -167,6 +167,10 @@ class SessionStore(Protocol):
         unless a write or an end of the session was published since (the request path).
         Without it the answer is Redis's own (the refresh protocol, logout)."""
 
+    def cached(self, handle: SessionHandle) -> Session | None:
+        """What ``load(handle, cached=True)`` would answer from this process's copy, without
+        an await; None when it would ask the backend (no copy, or none kept here)."""
+
     async def save(self, handle: SessionHandle, session: Session) -> Session | None:
         """Compare-and-set: write ``session`` only if the stored version is still
         ``session.version``; return the stored session with the new version, or None when

@@ -560,6 +560,10 @@ class RedisSessionStore:
         if self._feed is not None:
             self._feed.start()
 
+    def cached(self, handle: SessionHandle) -> Session | None:
+        cache = self._cache
+        return None if cache is None else cache.get(handle.storage_id)
+
     async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
         cache = self._cache
         if cache is not None and cached:

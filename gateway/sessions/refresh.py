@@ -80,6 +80,12 @@ class Refresher:
         decision reads the session itself, so it holds on every replica."""
         return self._clock() - session.refreshed_at >= self._settings.forced_min_interval_s
 
+    def fresh(self, handle: SessionHandle, session: Session) -> Session | None:
+        """``ensure_fresh``'s answer when it needs no refresh (the newest copy of
+        ``session``), without an await; None when a refresh is wanted."""
+        session = self._late.newest(handle.storage_id, session)
+        return None if self._wants_refresh(session, False) else session
+
     async def ensure_fresh(
         self, handle: SessionHandle, session: Session, *, force: bool = False
     ) -> Session:

@@ -6,12 +6,13 @@ is built once and handed out again until the store answers with another object.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.errors import SessionExpiredError
+from gateway.errors import CsrfError, SessionExpiredError
 from gateway.idp.tokens import TokenSet
 from gateway.metrics import Metrics
 from gateway.principal import Principal
@@ -134,3 +135,59 @@ async def test_each_session_has_its_own_principal_and_the_memo_is_bounded(parts:
     again = await authenticate(authenticator, secrets[0])
     assert again == first[0]
     assert again is not first[0]
+
+
+class CopyingStore(MemorySessionStore):
+    """A local copy (``cached``) beside the store's own answer (``load``), as the Redis
+    store's local cache is; counts the loads, which need an await and a deadline."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        super().__init__(settings)
+        self.copies: dict[str, Session] = {}
+        self.loads = 0
+
+    def cached(self, handle: SessionHandle) -> Session | None:
+        return self.copies.get(handle.storage_id)
+
+    async def load(self, handle: SessionHandle, *, cached: bool = False) -> Session | None:
+        self.loads += 1
+        return await super().load(handle, cached=cached)
+
+
+class CountingIdp:
+    def __init__(self) -> None:
+        self.refreshed = 0
+
+    async def refresh(self, session: Session) -> TokenSet:
+        self.refreshed += 1
+        return TokenSet(access_token="renewed", expires_at=time.time() + 300)
+
+
+async def test_a_fresh_local_copy_answers_without_a_load_and_a_stale_one_is_refreshed() -> None:
+    store = CopyingStore(SETTINGS)
+    idp = CountingIdp()
+    refresher = Refresher(store, idp, RefreshSettings(), Metrics())
+    authenticator = SessionAuthenticator(
+        SessionCookies(SETTINGS),
+        store,
+        refresher,
+        CsrfSettings(),
+        "https://app.example",
+        principals_kept=2,
+        absolute_timeout_s=SETTINGS.absolute_timeout_s,
+    )
+    storage_id = derive_handle(SECRET).storage_id
+    copy = store.copies[storage_id] = a_session("access-1")
+    assert (await authenticate(authenticator, SECRET)).access_token == "access-1"
+    assert (store.loads, idp.refreshed) == (0, 0)  # the copy, as it was: no store call
+    # A copy whose token has expired takes the path that refreshes it and waits (the
+    # store has the session too, as Redis would, for the refresh's compare-and-set).
+    expired = dataclasses.replace(copy, access_expires_at=time.time() - 1, refresh_token="r")
+    store.copies[storage_id] = expired
+    await store.create(derive_handle(SECRET), expired)
+    principal = await authenticate(authenticator, SECRET)
+    assert (idp.refreshed, principal.access_token) == (1, "renewed")
+    cookie = f"{SETTINGS.cookie_name}={encode_secret(SECRET)}"
+    no_csrf = make_mocked_request("GET", "/api", headers={"Cookie": cookie})
+    with pytest.raises(CsrfError):  # the fast path checks CSRF first, as the other does
+        await authenticator.authenticate(no_csrf, ROUTE)
