@@ -65,11 +65,8 @@ def a_session(access_token: str, scopes: tuple[str, ...] = ("read",)) -> Session
 Parts = tuple[HandingStore, SessionAuthenticator]
 
 
-@pytest.fixture
-def parts() -> Parts:
-    store = HandingStore(SETTINGS)
-    refresher = Refresher(store, NoIdp(), RefreshSettings(), Metrics())
-    authenticator = SessionAuthenticator(
+def authenticator_of(store: MemorySessionStore, refresher: Refresher) -> SessionAuthenticator:
+    return SessionAuthenticator(
         SessionCookies(SETTINGS),
         store,
         refresher,
@@ -78,7 +75,12 @@ def parts() -> Parts:
         principals_kept=2,
         absolute_timeout_s=SETTINGS.absolute_timeout_s,
     )
-    return store, authenticator
+
+
+@pytest.fixture
+def parts() -> Parts:
+    store = HandingStore(SETTINGS)
+    return store, authenticator_of(store, Refresher(store, NoIdp(), RefreshSettings(), Metrics()))
 
 
 ROUTE = Route.from_settings(
@@ -166,16 +168,7 @@ class CountingIdp:
 async def test_a_fresh_local_copy_answers_without_a_load_and_a_stale_one_is_refreshed() -> None:
     store = CopyingStore(SETTINGS)
     idp = CountingIdp()
-    refresher = Refresher(store, idp, RefreshSettings(), Metrics())
-    authenticator = SessionAuthenticator(
-        SessionCookies(SETTINGS),
-        store,
-        refresher,
-        CsrfSettings(),
-        "https://app.example",
-        principals_kept=2,
-        absolute_timeout_s=SETTINGS.absolute_timeout_s,
-    )
+    authenticator = authenticator_of(store, Refresher(store, idp, RefreshSettings(), Metrics()))
     storage_id = derive_handle(SECRET).storage_id
     copy = store.copies[storage_id] = a_session("access-1")
     assert (await authenticate(authenticator, SECRET)).access_token == "access-1"
