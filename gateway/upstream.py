@@ -27,13 +27,17 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web, web_response
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.context import current, set_request_id_header
@@ -129,8 +133,13 @@ class _DroppedNames:
 
 
 def response_has_body(method: str, status: int) -> bool:
-    """Whether a response to ``method`` with ``status`` carries content (RFC 9110 §6.4.1)."""
-    return method != "HEAD" and status not in NO_BODY_STATUSES
+    """Whether a response to ``method`` with ``status`` carries content (RFC 9110 §6.4.1;
+    a 2xx to CONNECT is a tunnel, §9.3.6, as aiohttp's ``must_be_empty_body`` has it)."""
+    return (
+        method != "HEAD"
+        and status not in NO_BODY_STATUSES
+        and not (method == "CONNECT" and 200 <= status < 300)
+    )
 
 
 def connection_tokens(values: Iterable[str]) -> frozenset[str]:
@@ -565,12 +574,14 @@ class Upstream:
         return _ClientReply(response)
 
     async def relay(self, request: web.Request, upstream: UpstreamReply) -> web.StreamResponse:
-        """Stream the upstream's reply to the client; errors after headers abort."""
+        """Relay the upstream's reply to the client: a body of known length up to 64 KiB
+        read whole and answered as a ``BufferedResponse``, anything else streamed (errors
+        after the head abort the client's connection)."""
         raw = upstream.headers
         drop = _RESPONSE_DROP
         for name, _ in raw:
             if name.lower() == "connection":
-                drop = drop | connection_tokens(header_values(raw, "connection"))
+                drop = _response_drop(tuple(header_values(raw, "connection")))
                 break
         # SECURITY: an upstream must not plant or overwrite our cookies (session fixation,
         # login CSRF): their names are parsed as a browser parses them (``set_cookie``), in
@@ -591,9 +602,15 @@ class Upstream:
                 raise UpstreamTimeoutError() from exc
             except OSError as exc:
                 raise UpstreamUnavailableError() from exc
-            return web.Response(
-                status=upstream.status, reason=upstream.reason, headers=headers, body=body
-            )
+            try:
+                return BufferedResponse(request, upstream.status, upstream.reason, headers, body)
+            except ValueError as exc:
+                raise _refused_head(exc) from exc
+        try:
+            _refuse_controls(upstream.reason, *(text for field in headers for text in field))
+        except ValueError as exc:
+            upstream.close()
+            raise _refused_head(exc) from exc
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -622,6 +639,188 @@ class Upstream:
             upstream.close()  # the client went away (cancelled): the rest is unread
             raise
         return response
+
+
+class BufferedResponse(web.StreamResponse):
+    """A relayed reply read whole (up to 64 KiB), written with its head in one write.
+
+    aiohttp's ``web.Response`` costs more here than all of our own work on a request: a
+    ``CIMultiDict`` of the upstream's headers, ``prepare``, ``_prepare_headers``,
+    ``_serialize_headers`` and the ``write_eof`` chain (about 30 µs). Here the head is text
+    built once from the kept upstream headers and written with the body in one
+    ``writer.write_eof``, with what aiohttp's ``StreamResponse._prepare_headers`` would
+    add, decided as it decides it: ``Content-Length``; ``Content-Type:
+    application/octet-stream`` for a body without one; ``Date`` and ``Server`` (the
+    module global ``http_server.hide_server_banner`` rebinds) unless the upstream sent
+    them; ``X-Request-Id`` (ours replaces the upstream's); ``Connection: close`` or
+    ``keep-alive`` from ``keep_alive`` and the version. Lone surrogates (header bytes
+    that are not UTF-8) are dropped, as aiohttp's serialiser drops them (``as_sent``).
+
+    It is a ``StreamResponse`` so that aiohttp's ``finish_response`` (``prepare``,
+    ``write_eof``, then ``keep_alive``) and ``ingress`` (``prepared``, ``status``,
+    ``headers``) treat it as any other; ``on_response_prepare`` runs as for any response.
+    A header set on ``headers`` before ``prepare`` replaces the upstream's of that name,
+    except the framing ones (Content-Length, Transfer-Encoding, Connection), which are ours.
+
+    SECURITY: the reason phrase and the header fields are the upstream's; a CR, LF or other
+    control character in them would split the response (llhttp refuses them in fields but
+    not in the reason, aiohttp's client lets some through in values). Each is checked when
+    the head is built: ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        if not response_has_body(request.method, status):
+            raise RuntimeError("a response without content is relayed streamed")  # a bug
+        super().__init__(status=status, reason=reason)  # ValueError for a CR or LF in reason
+        _refuse_controls(self._reason)
+        ctx = current()
+        self._request_id = None if ctx is None else ctx.request_id
+        self._fields = headers
+        self._data = body
+        self._head = b""
+        version = request.version
+        self._status_line = f"HTTP/{version.major}.{version.minor} {status} {self._reason}\r\n"
+        # Framing is ours whatever relay let through; so is the request id when we have one.
+        skip = _FRAMING if self._request_id is None else _FRAMING_AND_ID
+        self._head_text, self._has_date = _head_lines(self._status_line, headers, len(body), skip)
+
+    @property
+    def body(self) -> bytes:
+        return self._data
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        self._req = request
+        self._must_be_empty_body = False  # by construction: relay sends HEAD etc. streamed
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        writer = self._payload_writer = request.writer
+        if self._cookies:
+            for cookie in self._cookies.values():
+                self._headers.add("Set-Cookie", cookie.output(header="")[1:])
+        await request._prepare_hook(self)
+        self._head = self._finish_head(request.version, keep_alive)
+        return writer
+
+    def _finish_head(self, version: HttpVersion, keep_alive: bool) -> bytes:
+        text, has_date, request_id = self._head_text, self._has_date, self._request_id
+        extra = self._headers
+        if extra and not (
+            len(extra) == 1 and request_id is not None and extra.get("X-Request-Id") == request_id
+        ):
+            # More than ingress's request id, the one we have: the fields set replace the
+            # upstream's, and are checked as the upstream's are.
+            text, has_date, request_id = self._merged_head(extra)
+        lines = [text]
+        if request_id is not None:
+            lines.append(f"X-Request-Id: {request_id}\r\n")
+        if not has_date:
+            lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+        if keep_alive:
+            if version == HttpVersion10:
+                lines.append("Connection: keep-alive\r\n")
+        elif version == HttpVersion11:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "ignore")
+
+    def _merged_head(self, extra: CIMultiDict[str]) -> tuple[str, bool, str | None]:
+        """The head's first lines when ``headers`` holds more than ingress's request id:
+        its fields replace the upstream's of the same names (framing excepted)."""
+        replaced = {name.lower() for name in extra}
+        fields = [(k, v) for k, v in self._fields if k.lower() not in replaced]
+        fields += extra.items()
+        request_id = None if "X-Request-Id" in extra else self._request_id
+        skip = _FRAMING if request_id is None else _FRAMING_AND_ID
+        text, has_date = _head_lines(self._status_line, fields, len(self._data), skip)
+        return text, has_date, request_id
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("a buffered response is written whole by write_eof")
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._eof_sent:
+            return
+        writer = self._payload_writer
+        if writer is None:
+            raise RuntimeError("Response has not been started")
+        if data:
+            raise RuntimeError("a buffered response has its body already")
+        # One write: head and body in one segment, counted in writer.output_size (the
+        # watchdog of http_server reads it), drained as aiohttp drains.
+        await writer.write_eof(self._head + self.body)
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+_FRAMING_AND_ID = _FRAMING | {"x-request-id"}
+_DEFAULTED = frozenset({"date", "server", "content-type"})  # aiohttp adds them if absent
+# What _refuse_controls refuses: every control character but HTAB, as aiohttp's
+# serialiser does (RFC 9110 §5.5).
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _head_lines(
+    status_line: str, fields: list[tuple[str, str]], body_length: int, skip: frozenset[str]
+) -> tuple[str, bool]:
+    """The status line, ``fields`` but those named in ``skip``, Content-Length, and
+    Content-Type and Server where aiohttp adds them, each with its CRLF; and whether
+    ``fields`` hold a Date. ``ValueError`` for a control character in a field
+    (``_refuse_controls``)."""
+    lines = [status_line]
+    has_date = has_server = has_type = False
+    for name, value in fields:
+        lname = name.lower()
+        if lname in skip:
+            continue
+        if not (name.isprintable() and value.isprintable()):
+            _refuse_controls(name, value)
+        if lname in _DEFAULTED:
+            if lname == "date":
+                has_date = True
+            elif lname == "server":
+                has_server = True
+            else:
+                has_type = True
+        lines.append(f"{name}: {value}\r\n")
+    lines.append(f"Content-Length: {body_length}\r\n")
+    if body_length and not has_type:
+        lines.append("Content-Type: application/octet-stream\r\n")
+    if not has_server:
+        lines.append(f"Server: {web_response.SERVER_SOFTWARE}\r\n")  # type: ignore[attr-defined]
+    return "".join(lines), has_date
+
+
+def _refused_head(exc: ValueError) -> UpstreamUnavailableError:
+    """A head we will not write (``_refuse_controls``): llhttp lets control characters
+    through in the reason phrase, aiohttp's client in field values too. Before a byte is
+    sent it is still a clean 502, not aiohttp's serialiser refusing it later (a 500)."""
+    log.warning("upstream_head_refused", extra={"error_type": type(exc).__name__})
+    return UpstreamUnavailableError()
+
+
+def _refuse_controls(*texts: str) -> None:
+    """SECURITY: a name, value or reason phrase with a CR, LF or other control character
+    but HTAB would start a line of its own in the head (response splitting), or be refused
+    by the client: ``ValueError``. ``isprintable`` (C speed) passes almost every text; only
+    one that is not (a tab, a byte that is not UTF-8, a space beyond ASCII) is searched."""
+    for text in texts:
+        if not text.isprintable() and _CONTROL_BUT_TAB.search(text) is not None:
+            raise ValueError("a header field or the reason phrase contains a control character")
 
 
 def _in_networks(
@@ -682,6 +881,13 @@ def _listed_names(values: tuple[bytes, ...]) -> frozenset[bytes]:
     """The names a request's ``Connection`` values list, by ``connection_tokens``' rule.
     Remembered: browsers send the same one or two (``keep-alive``) on every request."""
     return _encoded(connection_tokens(_decoded(values)))
+
+
+@functools.lru_cache(maxsize=256)
+def _response_drop(connection: tuple[str, ...]) -> frozenset[str]:
+    """An upstream's header names never relayed, with these ``Connection`` values: most
+    upstreams send the same one (``keep-alive``) on every response, so it is remembered."""
+    return _RESPONSE_DROP | connection_tokens(connection)
 
 
 def _encoded(names: frozenset[str]) -> frozenset[bytes]:

@@ -22,9 +22,9 @@ class Http1Response:
 
     ``headers`` is a list of ``(name, value)`` ``str`` pairs in arrival order, decoded as
     aiohttp decodes them (UTF-8, surrogateescape), trailers excluded: filter it and hand it
-    straight to ``CIMultiDict`` / ``web.Response``. ``content_length`` is the declared one
-    (``None`` for chunked or close-delimited bodies); for HEAD, 204 and 304 there is no body
-    whatever it says.
+    straight to ``web.StreamResponse`` / ``upstream.BufferedResponse``. ``content_length``
+    is the declared one (``None`` for chunked or close-delimited bodies); for HEAD, 204 and
+    304 there is no body whatever it says.
     """
 
     __slots__ = (
