@@ -520,9 +520,7 @@ class Upstream:
         except OSError as exc:
             raise UpstreamUnavailableError() from exc
         elapsed = time.perf_counter() - started
-        self._metrics.child(self._metrics.upstream_request_duration_seconds, route.name).observe(
-            elapsed
-        )
+        self._metrics.observe(self._metrics.upstream_request_duration_seconds, route.name, elapsed)
         ctx = current()
         if ctx is not None:
             ctx.upstream_s = elapsed
@@ -590,7 +588,7 @@ class Upstream:
         headers = []
         for k, v in raw:
             lname = k.lower()
-            if lname in drop or (guard and lname == "set-cookie" and guard.plants(as_sent(v))):
+            if lname in drop or (lname == "set-cookie" and guard and guard.plants(as_sent(v))):
                 continue
             headers.append((k, v))
         length = upstream.content_length
