@@ -74,6 +74,9 @@ class Http1Pool:
         self._reclaimed: set[Http1Connection] = set()  # closed by us, still lent out
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        # The loop of the first request; every connection is bound to it anyway. Kept: in
+        # Python 3.11 asyncio.get_running_loop() asks the kernel for the pid on each call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -96,6 +99,8 @@ class Http1Pool:
         """
         if self._closed:
             raise PoolClosedError("the pool is closed")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         entry = self._hosts.get((host, port))
         if entry is None:
             entry = self._hosts[(host, port)] = _Host((host, port))
@@ -150,7 +155,7 @@ class Http1Pool:
             # of its response close it here instead of becoming the next request's
             # response, someone else's. It stays counted as busy until then.
             entry.returning += 1
-            asyncio.get_running_loop().call_later(0, self._return_idle, entry, conn)
+            self._running_loop().call_later(0, self._return_idle, entry, conn)
             return
         entry.busy -= 1
         conn.close()
@@ -162,10 +167,10 @@ class Http1Pool:
         if self._closed or conn.closed:
             conn.close()
         else:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self._running_loop().time()
             entry.idle.append(conn)
             if self._sweep is None:
-                self._sweep = asyncio.get_running_loop().call_later(
+                self._sweep = self._running_loop().call_later(
                     self._idle_timeout_s, self._close_expired
                 )
         self._wake_one(entry)
@@ -195,8 +200,11 @@ class Http1Pool:
 
     # -- connections ---------------------------------------------------------------------
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop or asyncio.get_running_loop()
+
     async def _acquire(self, entry: _Host, timeout_s: float, *, fresh: bool) -> Http1Connection:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = loop.time()
         deadline = now + timeout_s
         while True:
