@@ -52,6 +52,7 @@ _REDIS_SCHEMES = frozenset(
 _URL_SECRET_PARAM = re.compile(r"(^|&)([^=&]*password=)[^&]*")
 OIDC_PROVIDER = "oidc"  # the provider the oidc section makes
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1: a token
 _ASYMMETRIC_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -562,6 +563,16 @@ class RouteSettings(Section):
     @classmethod
     def _check_upstream(cls, value: str) -> str:
         return parse_http_url(value)
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _check_identity_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # SECURITY: a name is sent upstream as written; a space, a colon or a line break in
+        # it would make another header of it, or of the value after it (RFC 9110 §5.1).
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (RFC 9110 token characters)")
+        return value
 
     @model_validator(mode="after")
     def _default_name(self) -> RouteSettings:

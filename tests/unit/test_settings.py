@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.cli import main
 from gateway.settings import ConfigError, dump_settings, load_settings, parse_settings
@@ -83,6 +86,18 @@ def test_bad_configuration_names_the_key(config: dict[str, object], key: str) ->
 def test_nested_prefixes_are_allowed_longest_wins() -> None:
     settings = parse_settings({"routes": [ROUTE, {**ROUTE, "prefix": "/api/admin"}]})
     assert [r.name for r in settings.routes] == ["api", "api_admin"]
+
+
+@given(name=st.text(min_size=1, max_size=20))
+def test_an_identity_header_name_is_a_token_or_refused(name: str) -> None:
+    """A configured identity header goes upstream under its name as written: only RFC 9110
+    token characters (no space, colon, CR or LF to make another header of it)."""
+    config = {"routes": [{**ROUTE, "identity_headers": {name: "sub"}}]}
+    if re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        assert parse_settings(config).routes[0].identity_headers == {name: "sub"}
+    else:
+        with pytest.raises(ConfigError, match="identity_headers"):
+            parse_settings(config)
 
 
 def test_http_issuer_allowed_on_loopback_only() -> None:
