@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -459,18 +459,32 @@ class Upstream:
         ]
         return "; ".join(kept).encode("utf-8", _SURROGATE) or None
 
-    async def open(
+    def open(
         self,
         request: web.Request,
         route: Route,
         headers: UpstreamHeaders,
         body: RequestBody,
         path: str,
-    ) -> UpstreamReply:
-        """Send the request; the caller reads or relays the reply and releases it."""
+    ) -> Awaitable[UpstreamReply]:
+        """Send the request; the caller reads or relays the reply and releases it. (Not a
+        coroutine itself: untraced, it hands over ``_open``'s, one frame fewer.)"""
         tracing = self._tracing
+        if tracing is None or not tracing.recording:
+            return self._open(request, route, headers, body, path)
+        return self._open_traced(tracing, request, route, headers, body, path)
+
+    async def _open_traced(
+        self,
+        tracing: Tracing,
+        request: web.Request,
+        route: Route,
+        headers: UpstreamHeaders,
+        body: RequestBody,
+        path: str,
+    ) -> UpstreamReply:
         ctx = current()
-        if tracing is None or not tracing.recording or ctx is None:
+        if ctx is None:
             return await self._open(request, route, headers, body, path)
         upstream = route.upstream
         with tracing.upstream_span(
