@@ -372,6 +372,11 @@ class PublicRoutes:
         # Not a coroutine itself: it hands over the handler's, one frame fewer for each
         # resumption of the request. Its errors are raised where the ingress awaits.
         path = parse_path(request.raw_path.partition("?")[0])
+        if request.method == "CONNECT":
+            # SECURITY: a tunnel (RFC 9110 §9.3.6) is no request for a reverse proxy. A 2xx
+            # from an upstream that takes it would make its pooled connection a tunnel, and
+            # the next request sent on it someone else's bytes in it.
+            raise MethodNotAllowedError()
         if not path.startswith("/auth/"):
             proxy = self._proxy
             if proxy is None:  # made at startup, after this

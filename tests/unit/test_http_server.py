@@ -334,6 +334,8 @@ async def test_the_public_server_answers_without_aiohttp_s_router(
             # the same endpoint, as the proxy reads a path: one reading of a target
             (head(b"GET /public/%2e%2e/auth/session HTTP/1.1", b"Host: a"), 200, session),
             (head(b"GET /public/x HTTP/1.1", b"Host: a", b"Expect: nonsense"), 417, None),
+            # a tunnel is never forwarded: ours, before any upstream is asked
+            (head(b"CONNECT /public/x HTTP/1.1", b"Host: a"), 405, "method_not_allowed"),
         ]
         for raw, status, expected in cases:
             reply = await send(served.port, raw)
@@ -355,6 +357,7 @@ async def test_the_public_server_answers_without_aiohttp_s_router(
             + b"hi",
         )
         assert continued.status == 100  # answered at once, before the body
+        assert "CONNECT" not in {r.method for r in upstream.requests}
     # (the fake issuer is an aiohttp app too: its paths are resolved by its router)
     assert [path for path in resolved if path.startswith(("/public", "/auth"))] == []
 
