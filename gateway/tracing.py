@@ -123,8 +123,7 @@ class Tracing:
         elif propagate and self._provider is None:
             # Most requests: a new trace, nothing here records it, so the sampling decision
             # is the upstream's.
-            ids = TraceIds(_random_bits(128) or 1, _random_bits(64) or 1, True)
-            return RequestTrace(ids, None, None)
+            return RequestTrace(_new_trace(_random_bits(64) or 1), None, None)
         if self._provider is None:
             if not propagate:
                 return _UNTRACED  # no ids, nothing sent upstream: tracing off
@@ -186,10 +185,10 @@ class Tracing:
         await asyncio.to_thread(provider.shutdown)
 
 
-def _new_trace(span_id: int | None = None) -> TraceIds:
+def _new_trace(span_id: int) -> TraceIds:
     """A new trace's ids, flagged sampled: nothing here records it, so the sampling
     decision is the upstream's."""
-    return TraceIds(_random_bits(128) or 1, span_id or _random_bits(64) or 1, True)
+    return TraceIds(_random_bits(128) or 1, span_id, True)
 
 
 _random_bits = random.getrandbits
