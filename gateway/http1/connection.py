@@ -73,6 +73,8 @@ class Http1Connection(asyncio.Protocol):
         "_lost",
         "_on_gone",
         "_parser",
+        "_read_deadline",
+        "_read_timer",
         "_reading_paused",
         "_reason",
         "_request_sent",
@@ -102,6 +104,9 @@ class Http1Connection(asyncio.Protocol):
         self._closed = False
         self._lost: asyncio.Future[None] = loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
+        # The read timeout's one timer, kept across waits (see ``_wait``).
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_deadline = 0.0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._writer: asyncio.Task[None] | None = None
@@ -202,6 +207,7 @@ class Http1Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._active = False
+        self._stop_read_timer()
         if not self._complete and self._exc is None:  # someone may still be reading
             self._exc = ConnectionAbortedError("the connection was closed by its pool")
         if self._writer is not None and not self._writer.done():
@@ -254,16 +260,35 @@ class Http1Connection(asyncio.Protocol):
         # purpose (reading paused) is not timed out by the upstream's account.
         waiter = self._loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_later(timeout_s, self._on_read_timeout, waiter)
+        deadline = self._read_deadline = self._loop.time() + timeout_s
+        # One timer per connection, not one per wait: a timer due no later than this
+        # deadline looks again when it fires (``_check_read_timeout``); only one due later
+        # (a shorter timeout than the last) is replaced. Each wait costs a clock read, not
+        # a timer made and cancelled (two per request).
+        timer = self._read_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._read_timer = self._loop.call_at(deadline, self._check_read_timeout)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _on_read_timeout(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def _check_read_timeout(self) -> None:
+        self._read_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no one waits now: the next wait arms the timer again
+        if self._loop.time() >= self._read_deadline:
             self._fail(TimeoutError("the upstream sent nothing within the read timeout"))
+        else:  # this wait began after the timer was set: its own deadline is later
+            self._read_timer = self._loop.call_at(self._read_deadline, self._check_read_timeout)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -357,6 +382,7 @@ class Http1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._stop_read_timer()
         if self._active and not self._complete:
             if self._head_done and self._close_delimited and exc is None:
                 self._complete = True  # RFC 9112 §6.3 (8): the close ends this body

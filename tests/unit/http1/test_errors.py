@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -137,3 +138,48 @@ async def test_a_reset_mid_body_raises_incomplete_response(
     server = await raw_server(script)
     with pytest.raises(IncompleteResponseError):
         await read_all()
+
+
+async def test_a_body_that_keeps_coming_outlives_the_read_timeout_of_its_first_wait(
+    pool: Http1Pool, raw_server: StartServer
+) -> None:
+    # The read timeout is silence per wait: a body whose pieces come 0.05 s apart takes
+    # longer than the 0.15 s timeout in all, and the timer set by the first wait fires while
+    # a later one waits (it must look again, not fail the read).
+    pieces = 8
+
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % pieces)
+        for _ in range(pieces):
+            await asyncio.sleep(0.05)  # the slow upstream's pace
+            await conn.send(b"x")
+
+    server = await raw_server(script)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    resp = await send(pool, server.port, read_timeout_s=0.15)
+    body = b"".join([chunk async for chunk in resp.iter_chunks()])
+    assert body == b"x" * pieces
+    assert loop.time() - started > 0.15 * 2
+
+
+async def test_a_reused_connection_is_timed_by_the_new_request_s_own_timeout(
+    pool: Http1Pool, raw_server: StartServer
+) -> None:
+    # The first exchange leaves a 30 s timer behind; the second, silent, must fail at its
+    # own 0.05 s, not when that timer would have fired.
+    async def script(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await conn.read_request()  # and no answer
+
+    server = await raw_server(script)
+    first = await send(pool, server.port, read_timeout_s=30)
+    assert await first.read() == b"ok"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await send(pool, server.port, read_timeout_s=0.05)
+    assert loop.time() - started < 5
+    assert server.connections == 1  # the same connection, reused
