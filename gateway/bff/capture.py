@@ -10,6 +10,9 @@ is not one JSON object read strictly (an XSSI prefix ``)]}'``, NDJSON, HTML, a f
 ``identity`` or a transfer-coding other than plain ``chunked`` (``gzip, chunked``), is a
 502 ``upstream_unavailable`` with a fixed description: the login API answered, but with
 nothing we can make safe (RFC 9110 §15.6.3: an invalid response from behind a gateway).
+The reason phrase and the kept header fields are the upstream's, written into our head: a
+CR, LF or other control character but HTAB in them is a 502 too, as for any relayed reply
+(``upstream``'s ``upstream_head_refused``), and no session is started.
 
 ``strip_tokens`` drops, at any depth:
 
@@ -80,6 +83,8 @@ from gateway.upstream import (
     HOP_BY_HOP,
     UpstreamHeaders,
     UpstreamReply,
+    _refuse_controls,
+    _refused_head,
     as_sent,
     connection_tokens,
     header_values,
@@ -234,6 +239,8 @@ class TokenCapture:
         if refused is not None:
             upstream.close()
             raise _unreadable(route, refused)
+        # A reason phrase we would refuse anyway is refused before the body is read.
+        _check_head(upstream, upstream.reason)
         if not response_has_body(request.method, upstream.status):
             upstream.release()
             raw = b""
@@ -248,6 +255,11 @@ class TokenCapture:
             session = self._session_of(upstream.status, reply, settings, known)
         tokens = TokenFilter(known, opaque=session is None)
         headers = self._headers(upstream, tokens)
+        # SECURITY: the kept fields are the upstream's, checked as they would be written
+        # (``_headers`` holds values ``as_sent``), before the response is built and before a
+        # session is started: no cookie goes out, nor is a session stored, for a reply we
+        # refuse. The fields we add (Content-Type, Cache-Control, our cookie) are ours.
+        _check_head(upstream, *(text for field in headers.items() for text in field))
         body = None
         if reply is not None:
             stripped = strip_tokens(reply, settings.response, tokens)
@@ -340,6 +352,23 @@ def _codings(headers: list[tuple[str, str]], name: str) -> list[str]:
     values = header_values(headers, name)
     codings = (coding.strip().lower() for value in values for coding in value.split(","))
     return [coding for coding in codings if coding]
+
+
+def _check_head(upstream: UpstreamReply, *texts: str) -> None:
+    """SECURITY: the upstream's reason phrase and header fields go into our head. llhttp
+    lets control characters through in the reason phrase, and aiohttp's client lets some
+    through in values. A CR or LF would split the head; aiohttp refuses them, but late
+    (``web.Response`` for a LF in the reason, its serialiser when the response is
+    prepared): a 500 and nothing useful for the client. As ``Upstream.relay`` does, a CR,
+    LF or other control character but HTAB is refused here, before a byte is sent: our
+    JSON 502 (``_refused_head`` logs ``upstream_head_refused``)."""
+    try:
+        _refuse_controls(*texts)
+    except ValueError as exc:
+        # The unread rest of the body goes with its connection; once the body was read
+        # (the reply released), closing is a no-op for both upstream clients.
+        upstream.close()
+        raise _refused_head(exc) from exc
 
 
 def _unreadable(route: Route, reason: str) -> UpstreamUnavailableError:
