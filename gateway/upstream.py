@@ -617,12 +617,12 @@ class Upstream:
             try:
                 return BufferedResponse(request, upstream.status, upstream.reason, headers, body)
             except ValueError as exc:
-                raise _refused_head(exc) from exc
+                raise refused_head(exc) from exc
         try:
-            _refuse_controls(upstream.reason, *(text for field in headers for text in field))
+            refuse_controls(upstream.reason, *(text for field in headers for text in field))
         except ValueError as exc:
             upstream.close()
-            raise _refused_head(exc) from exc
+            raise refused_head(exc) from exc
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -691,7 +691,7 @@ class BufferedResponse(web.StreamResponse):
         if not response_has_body(request.method, status):
             raise RuntimeError("a response without content is relayed streamed")  # a bug
         super().__init__(status=status, reason=reason)  # ValueError for a CR or LF in reason
-        _refuse_controls(self._reason)
+        refuse_controls(self._reason)
         ctx = current()
         self._request_id = None if ctx is None else ctx.request_id
         self._fields = headers
@@ -781,7 +781,7 @@ class BufferedResponse(web.StreamResponse):
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _FRAMING_AND_ID = _FRAMING | {"x-request-id"}
 _DEFAULTED = frozenset({"date", "server", "content-type"})  # aiohttp adds them if absent
-# What _refuse_controls refuses: every control character but HTAB, as aiohttp's
+# What refuse_controls refuses: every control character but HTAB, as aiohttp's
 # serialiser does (RFC 9110 §5.5).
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -792,7 +792,7 @@ def _head_lines(
     """The status line, ``fields`` but those named in ``skip``, Content-Length, and
     Content-Type and Server where aiohttp adds them, each with its CRLF; and whether
     ``fields`` hold a Date. ``ValueError`` for a control character in a field
-    (``_refuse_controls``)."""
+    (``refuse_controls``)."""
     lines = [status_line]
     has_date = has_server = has_type = False
     for name, value in fields:
@@ -800,7 +800,7 @@ def _head_lines(
         if lname in skip:
             continue
         if not (name.isprintable() and value.isprintable()):
-            _refuse_controls(name, value)
+            refuse_controls(name, value)
         if lname in _DEFAULTED:
             if lname == "date":
                 has_date = True
@@ -817,15 +817,15 @@ def _head_lines(
     return "".join(lines), has_date
 
 
-def _refused_head(exc: ValueError) -> UpstreamUnavailableError:
-    """A head we will not write (``_refuse_controls``): llhttp lets control characters
+def refused_head(exc: ValueError) -> UpstreamUnavailableError:
+    """A head we will not write (``refuse_controls``): llhttp lets control characters
     through in the reason phrase, aiohttp's client in field values too. Before a byte is
     sent it is still a clean 502, not aiohttp's serialiser refusing it later (a 500)."""
     log.warning("upstream_head_refused", extra={"error_type": type(exc).__name__})
     return UpstreamUnavailableError()
 
 
-def _refuse_controls(*texts: str) -> None:
+def refuse_controls(*texts: str) -> None:
     """SECURITY: a name, value or reason phrase with a CR, LF or other control character
     but HTAB would start a line of its own in the head (response splitting), or be refused
     by the client: ``ValueError``. ``isprintable`` (C speed) passes almost every text; only

@@ -83,11 +83,11 @@ from gateway.upstream import (
     HOP_BY_HOP,
     UpstreamHeaders,
     UpstreamReply,
-    _refuse_controls,
-    _refused_head,
     as_sent,
     connection_tokens,
     header_values,
+    refuse_controls,
+    refused_head,
     response_has_body,
 )
 
@@ -361,14 +361,14 @@ def _check_head(upstream: UpstreamReply, *texts: str) -> None:
     (``web.Response`` for a LF in the reason, its serialiser when the response is
     prepared): a 500 and nothing useful for the client. As ``Upstream.relay`` does, a CR,
     LF or other control character but HTAB is refused here, before a byte is sent: our
-    JSON 502 (``_refused_head`` logs ``upstream_head_refused``)."""
+    JSON 502 (``refused_head`` logs ``upstream_head_refused``)."""
     try:
-        _refuse_controls(*texts)
+        refuse_controls(*texts)
     except ValueError as exc:
         # The unread rest of the body goes with its connection; once the body was read
         # (the reply released), closing is a no-op for both upstream clients.
         upstream.close()
-        raise _refused_head(exc) from exc
+        raise refused_head(exc) from exc
 
 
 def _unreadable(route: Route, reason: str) -> UpstreamUnavailableError:

@@ -44,7 +44,7 @@ from tests.unit.bff.test_capture_filter import (
     login_reply,
 )
 
-# What aiohttp's serialiser refuses, and ``upstream._refuse_controls`` with it: every
+# What aiohttp's serialiser refuses, and ``upstream.refuse_controls`` with it: every
 # control character but HTAB (RFC 9110 §5.5).
 CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 CONTROL_BUT_TAB_BYTES = re.compile(CONTROL_BUT_TAB.pattern.encode())
