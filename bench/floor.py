@@ -6,7 +6,9 @@ No auth, no metrics, no logs. ``--client`` is the upstream client: ``aiohttp`` (
 default, aiohttp's ``ClientSession``: the ``floor`` row) or ``http1`` (tokengate's own
 ``gateway.http1.Http1Pool``, raw header bytes through: the ``floor-http1`` row), or
 ``static``: no upstream at all, the bodies answered from memory (the ``aio-static`` row,
-aiohttp's server alone).
+aiohttp's server alone); or ``raw``: the same bodies from a bare ``httptools`` protocol on
+uvloop, no aiohttp at all (the ``raw-static`` row: what a server that only parses and
+answers costs, to weigh aiohttp's own share of ``aio-static``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from procs import serve_on_loopback
+from procs import LOOPBACK, serve_on_loopback
 
 HOP_BY_HOP = frozenset(
     {
@@ -134,6 +136,73 @@ def build_static(upstream: str) -> web.Application:
     return _app(nothing, handle)
 
 
+def serve_raw_static(port: int) -> None:
+    """The ``raw-static`` row: the origin's bodies from a bare ``httptools`` request parser
+    on uvloop, answered in a task per request as a server does. No limits, no timeouts, no
+    request object: a measurement of the least an asyncio HTTP/1.1 server in Python costs,
+    not a server to run."""
+    import asyncio
+    import signal
+    from email.utils import formatdate
+
+    import httptools
+    import uvloop
+    from nginx import BODIES, body_of
+
+    answers = {
+        f"/{name}".encode(): (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n" % size,
+            body_of(size),
+        )
+        for name, size in BODIES.items()
+    }
+    not_found = (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n", b"")
+
+    class Connection(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.parser = httptools.HttpRequestParser(self)
+            self.url = b""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                if self.transport is not None:
+                    self.transport.close()
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_message_complete(self) -> None:
+            url, self.url = self.url, b""
+            keep_alive = self.parser.should_keep_alive()
+            asyncio.get_running_loop().create_task(self.answer(url, keep_alive))
+
+        async def answer(self, url: bytes, keep_alive: bool) -> None:
+            head, body = answers.get(url.partition(b"?")[0], not_found)
+            date = formatdate(usegmt=True).encode()
+            if self.transport is not None:
+                self.transport.write(head + b"Date: " + date + b"\r\nServer: raw\r\n\r\n" + body)
+                if not keep_alive:
+                    self.transport.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set_result, None)
+        server = await loop.create_server(Connection, LOOPBACK, port, backlog=1024)
+        await stop
+        server.close()
+
+    uvloop.run(main())
+
+
 def _app(
     client: Callable[[web.Application], AsyncIterator[None]],
     handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -149,10 +218,13 @@ BUILDERS: dict[str, Callable[[str], web.Application]] = {
     "http1": build_http1_proxy,
     "static": build_static,
 }
-CLIENTS = tuple(BUILDERS)
+CLIENTS = (*BUILDERS, "raw")
 
 
 def serve(client: str, port: int, upstream: str) -> None:
+    if client == "raw":
+        serve_raw_static(port)
+        return
     serve_on_loopback(BUILDERS[client](upstream), port)
 
 

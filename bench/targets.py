@@ -37,7 +37,7 @@ Client = Literal[
     "plain", "bearer-warm", "bearer-cold", "introspect-warm", "dpop", "session", "refresh-storm"
 ]
 # The floor's upstream client (floor.py --client): aiohttp's, or tokengate's gateway.http1.
-FloorClient = Literal["aiohttp", "http1", "static"]
+FloorClient = Literal["aiohttp", "http1", "static", "raw"]
 # Traces: tokengate's default (propagation only), none at all, or every span exported.
 Tracing = Literal["default", "off", "sdk"]
 # Introspection answers kept this long (tokengate's maximum): one call per instance, the
@@ -86,6 +86,13 @@ TARGETS: tuple[Target, ...] = (
         floor_client="static",
         note="aiohttp's server alone (floor.py --client static): the bodies answered from "
         "memory, no upstream; what any aiohttp server pays per request before it proxies",
+    ),
+    Target(
+        "raw-static",
+        "floor",
+        floor_client="raw",
+        note="the same bodies from a bare httptools parser on uvloop (floor.py --client raw): "
+        "no aiohttp, no limits, no request object; aio-static less this is aiohttp's own share",
     ),
     Target(
         "floor-bearer",
@@ -224,6 +231,7 @@ TARGETS: tuple[Target, ...] = (
 BY_NAME = {t.name: t for t in TARGETS}
 THROUGHPUT = (
     "nginx",
+    "raw-static",
     "aio-static",
     "floor",
     "floor-http1",
