@@ -6,6 +6,7 @@ Tests count requests here, where they arrive, to prove a rejected request never 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +93,30 @@ class FakeUpstream:
             elif message.type == WSMsgType.BINARY:
                 await ws.send_bytes(message.data[::-1])
         return ws
+
+
+class CannedReply:
+    """An upstream's answer already read off the wire, as ``upstream.UpstreamReply``; whether
+    its reader released or closed it."""
+
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes = b"hello"
+    ) -> None:
+        self.status, self.reason, self.headers = status, reason, headers
+        self.body = body
+        self.content_length: int | None = len(body)
+        self.released = self.closed = False
+
+    async def read(self) -> bytes:
+        self.released = True
+        return self.body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        yield self.body
+        self.released = True
+
+    def release(self) -> None:
+        self.released = True
+
+    def close(self) -> None:
+        self.closed = True

@@ -32,6 +32,7 @@ from gateway.upstream import BufferedResponse, Upstream, as_sent
 from tests.conftest import base_config
 from tests.fakes.issuer import FakeIssuer
 from tests.fakes.raw_http import RawConn, raw_servers
+from tests.fakes.upstream import CannedReply
 
 REQUEST_ID = "rid-1"
 
@@ -353,30 +354,6 @@ def test_a_control_character_anywhere_in_a_field_or_the_reason_is_refused(
 
 
 # Through relay ------------------------------------------------------------------------------
-
-
-class CannedReply:
-    """An upstream's answer already read off the wire (``UpstreamReply``)."""
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
-        self.status, self.reason, self.headers = status, reason, headers
-        self.body = b"hello"
-        self.content_length: int | None = len(self.body)
-        self.released = self.closed = False
-
-    async def read(self) -> bytes:
-        self.released = True
-        return self.body
-
-    async def iter_chunks(self) -> Any:
-        yield self.body
-        self.released = True
-
-    def release(self) -> None:
-        self.released = True
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def relaying_upstream() -> Upstream:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
@@ -35,6 +35,7 @@ from gateway.sessions.cookie import SessionCookies
 from gateway.sessions.memory_store import MemorySessionStore
 from gateway.settings import CaptureSettings, RouteSettings, SessionSettings, parse_settings
 from tests.fakes.raw_http import raw_servers
+from tests.fakes.upstream import CannedReply
 from tests.unit.bff.test_capture_filter import (
     REFRESH,
     RESPONSE_PATHS,
@@ -61,32 +62,13 @@ ROUTE = Route.from_settings(
 SUCCESS = json.dumps(login_reply(user={"name": "alice"})).encode()
 
 
-class CannedLogin:
-    """A login API's reply already read off the wire, as ``upstream.UpstreamReply``;
-    whether capture released or closed it."""
-
-    def __init__(
-        self, reason: str = "OK", headers: Iterable[tuple[str, str]] = (), status: int = 200
-    ) -> None:
-        self.status, self.reason = status, reason
-        self.headers = [("Content-Type", "application/json"), *headers]
-        self.body = SUCCESS
-        self.content_length: int | None = len(self.body)
-        self.released = self.closed = False
-
-    async def read(self) -> bytes:
-        self.released = True
-        return self.body
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        yield self.body
-        self.released = True
-
-    def release(self) -> None:
-        self.released = True
-
-    def close(self) -> None:
-        self.closed = True
+def canned_login(
+    reason: str = "OK", headers: Iterable[tuple[str, str]] = (), status: int = 200
+) -> CannedReply:
+    """A login API's reply already read off the wire (JSON, the tokens of a login)."""
+    return CannedReply(
+        status, reason, [("Content-Type", "application/json"), *headers], body=SUCCESS
+    )
 
 
 @dataclass
@@ -102,7 +84,7 @@ class Capture:
         value = self.metrics.registry.get_sample_value("tokengate_sessions_created_total")
         return 0.0 if value is None else value
 
-    async def relay(self, reply: CannedLogin) -> web.StreamResponse:
+    async def relay(self, reply: CannedReply) -> web.StreamResponse:
         request = make_mocked_request("POST", "/User/Login")
         return await self.capture.relay(request, ROUTE, reply, SETTINGS)
 
@@ -161,7 +143,7 @@ async def test_a_control_character_in_the_kept_head_is_a_502_and_starts_no_sessi
     reason: str, headers: list[tuple[str, str]], status: int
 ) -> None:
     capture = new_capture()
-    reply = CannedLogin(reason, headers, status)
+    reply = canned_login(reason, headers, status)
     with pytest.raises(UpstreamUnavailableError) as refused:
         await capture.relay(reply)
     assert refused.value.status == 502
@@ -174,7 +156,7 @@ async def test_a_control_character_in_the_kept_head_is_a_502_and_starts_no_sessi
 
 
 async def test_a_bad_reason_phrase_is_refused_before_the_body_is_read() -> None:
-    reply = CannedLogin("O\x01K")
+    reply = canned_login("O\x01K")
     with pytest.raises(UpstreamUnavailableError):
         await new_capture().relay(reply)
     assert reply.closed  # the body went unread, and goes with its connection
@@ -190,7 +172,7 @@ async def test_a_control_character_in_a_header_capture_drops_is_no_refusal() -> 
         ("X-Note", f"{REFRESH}\x7f"),
         ("Set-Cookie", "theme=dark\nX-Injected: 1"),
     ]
-    response = await capture.relay(CannedLogin("OK", dropped, status=200))
+    response = await capture.relay(canned_login("OK", dropped, status=200))
     assert response.status == 200
     assert capture.sessions_created() == 1
     assert not {"Keep-Alive", "X-Note", "X-Injected"} & set(response.headers)
@@ -199,7 +181,7 @@ async def test_a_control_character_in_a_header_capture_drops_is_no_refusal() -> 
 
 async def test_a_tab_is_relayed_and_the_session_started() -> None:
     capture = new_capture()
-    reply = CannedLogin("Very\tOK", [("X-Note", "a\tb"), ("Set-Cookie", "theme=dark;\tPath=/")])
+    reply = canned_login("Very\tOK", [("X-Note", "a\tb"), ("Set-Cookie", "theme=dark;\tPath=/")])
     response = await capture.relay(reply)
     assert (response.status, response.reason) == (200, "Very\tOK")
     assert response.headers["X-Note"] == "a\tb"
@@ -270,7 +252,7 @@ async def test_a_reply_is_refused_or_its_head_holds_no_control_character_but_tab
     reason: str, headers: list[tuple[str, str]], status: int
 ) -> None:
     capture = new_capture()
-    reply = CannedLogin(reason, headers, status)
+    reply = canned_login(reason, headers, status)
     texts = [reason, *(value for _, value in headers)]
     must_refuse = any(
         CONTROL_BUT_TAB.search(text)
