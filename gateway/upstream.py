@@ -618,11 +618,7 @@ class Upstream:
                 return BufferedResponse(request, upstream.status, upstream.reason, headers, body)
             except ValueError as exc:
                 raise refused_head(exc) from exc
-        try:
-            refuse_controls(upstream.reason, *(text for field in headers for text in field))
-        except ValueError as exc:
-            upstream.close()
-            raise refused_head(exc) from exc
+        refuse_head(upstream, upstream.reason, *(text for field in headers for text in field))
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -823,6 +819,18 @@ def refused_head(exc: ValueError) -> UpstreamUnavailableError:
     sent it is still a clean 502, not aiohttp's serialiser refusing it later (a 500)."""
     log.warning("upstream_head_refused", extra={"error_type": type(exc).__name__})
     return UpstreamUnavailableError()
+
+
+def refuse_head(upstream: UpstreamReply, *texts: str) -> None:
+    """Refuse ``upstream``'s reply, before a byte of it is written, when one of ``texts``
+    (its reason phrase, the fields we would write) holds a control character but HTAB
+    (``refuse_controls``): the reply is closed (the unread rest of its body goes with its
+    connection; after a read it is a no-op) and ``refused_head``'s 502 raised."""
+    try:
+        refuse_controls(*texts)
+    except ValueError as exc:
+        upstream.close()
+        raise refused_head(exc) from exc
 
 
 def refuse_controls(*texts: str) -> None:

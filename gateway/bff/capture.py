@@ -86,8 +86,7 @@ from gateway.upstream import (
     as_sent,
     connection_tokens,
     header_values,
-    refuse_controls,
-    refused_head,
+    refuse_head,
     response_has_body,
 )
 
@@ -240,7 +239,7 @@ class TokenCapture:
             upstream.close()
             raise _unreadable(route, refused)
         # A reason phrase we would refuse anyway is refused before the body is read.
-        _check_head(upstream, upstream.reason)
+        refuse_head(upstream, upstream.reason)
         if not response_has_body(request.method, upstream.status):
             upstream.release()
             raw = b""
@@ -259,7 +258,7 @@ class TokenCapture:
         # (``_headers`` holds values ``as_sent``), before the response is built and before a
         # session is started: no cookie goes out, nor is a session stored, for a reply we
         # refuse. The fields we add (Content-Type, Cache-Control, our cookie) are ours.
-        _check_head(upstream, *(text for field in headers.items() for text in field))
+        refuse_head(upstream, *(text for field in headers.items() for text in field))
         body = None
         if reply is not None:
             stripped = strip_tokens(reply, settings.response, tokens)
@@ -352,23 +351,6 @@ def _codings(headers: list[tuple[str, str]], name: str) -> list[str]:
     values = header_values(headers, name)
     codings = (coding.strip().lower() for value in values for coding in value.split(","))
     return [coding for coding in codings if coding]
-
-
-def _check_head(upstream: UpstreamReply, *texts: str) -> None:
-    """SECURITY: the upstream's reason phrase and header fields go into our head. llhttp
-    lets control characters through in the reason phrase, and aiohttp's client lets some
-    through in values. A CR or LF would split the head; aiohttp refuses them, but late
-    (``web.Response`` for a LF in the reason, its serialiser when the response is
-    prepared): a 500 and nothing useful for the client. As ``Upstream.relay`` does, a CR,
-    LF or other control character but HTAB is refused here, before a byte is sent: our
-    JSON 502 (``refused_head`` logs ``upstream_head_refused``)."""
-    try:
-        refuse_controls(*texts)
-    except ValueError as exc:
-        # The unread rest of the body goes with its connection; once the body was read
-        # (the reply released), closing is a no-op for both upstream clients.
-        upstream.close()
-        raise refused_head(exc) from exc
 
 
 def _unreadable(route: Route, reason: str) -> UpstreamUnavailableError:
